@@ -1,0 +1,153 @@
+"""`data-prep` command line: one subcommand per data source, plus finalize, verify and inspect.
+
+  data-prep idx --dir /usr/share/datasets/fashion-mnist --out data/fashion
+  mpirun -n 8 python -m mpi4py -m data_prep imagenet --root /datasets/ILSVRC2012 --out /scratch/imagenet
+  sbatch --array=0-63 slurm/prep_imagenet.sbatch   (each task: --task-index/--num-tasks from Slurm)
+  data-prep finalize /scratch/imagenet && data-prep verify /scratch/imagenet
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from data_prep import manifest as mf
+from data_prep.pipeline import Settings, check_plan, make_plan, run
+from data_prep.sources import folder, idx, imagenet
+from data_prep.sources.base import PrepError
+from hpcdnn.data.schema import COMPRESSIONS, ENCODINGS
+
+SOURCES = {"imagenet": imagenet, "folder": folder, "idx": idx}
+MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+
+def add_prep_arguments(p: argparse.ArgumentParser) -> None:
+    d = Settings()
+    p.add_argument("--out", required=True, type=Path, help="output directory (created; re-running resumes)")
+    p.add_argument("--size", type=int, default=d.size, help=f"side of the stored square images (default {d.size}; IDX keeps its own size)")
+    p.add_argument("--encoding", choices=ENCODINGS, default=d.encoding, help="raw uint8 pixels, or jpeg quality-90 bytes (~10x smaller)")
+    p.add_argument("--compression", choices=COMPRESSIONS, default=d.compression, help="HDF5 filter for raw images (default none: fastest reads)")
+    p.add_argument("--shard-size", type=int, default=d.shard_size, help=f"images per shard (default {d.shard_size})")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the shuffle across shards")
+    p.add_argument("--resample", choices=["bilinear", "bicubic", "lanczos"], default=d.resample, help="antialiased resize filter")
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="reject larger inputs as decompression bombs (default: Pillow's limit)")
+    p.add_argument("--max-reject-fraction", type=float, default=0.001, help="fail when more inputs than this are rejected (default 0.001)")
+    p.add_argument("--threads", type=int, default=0, help="decoding threads per process (default: this process's CPUs / ranks on the node)")
+    p.add_argument("--task-index", type=int, help="job-array task index (default: from SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--num-tasks", type=int, help="job-array task count (default: from SLURM_ARRAY_TASK_COUNT)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="data-prep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in SOURCES.items():
+        p = sub.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__)
+        module.add_arguments(p)
+        add_prep_arguments(p)
+    p = sub.add_parser("finalize", help="merge job-array tasks' results into manifest.json")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--max-reject-fraction", type=float, default=0.001)
+    p = sub.add_parser("verify", help="re-hash every shard against the manifest; non-zero exit naming bad files")
+    p.add_argument("dir", type=Path)
+    p = sub.add_parser("inspect", help="human summary: splits, per-class counts, bytes, rejected inputs")
+    p.add_argument("dir", type=Path)
+    return parser
+
+
+def array_task(args: argparse.Namespace) -> tuple[int, int]:
+    """(task index, task count) from the flags, else from a Slurm job array, else (0, 1)."""
+    env = os.environ
+    count = args.num_tasks if args.num_tasks is not None else int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
+    if args.task_index is not None:
+        index = args.task_index
+    elif "SLURM_ARRAY_TASK_ID" in env:
+        index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    else:
+        index = 0
+    if count < 1 or not 0 <= index < count:
+        raise PrepError(f"task index {index} of {count} tasks is out of range; use --task-index 0..{count - 1} (or --array=0-{count - 1} in Slurm)")
+    return index, count
+
+
+def default_threads(local_ranks: int) -> int:
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or len(os.sched_getaffinity(0))
+    return max(1, cpus // max(1, local_ranks))
+
+
+def get_comm():
+    """COMM_WORLD when launched by mpirun/srun with more than one rank, else None (no MPI initialised)."""
+    if not any(v in os.environ for v in MPI_ENV):
+        return None
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
+
+
+def prepare(args: argparse.Namespace, comm) -> int:
+    rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
+    task, tasks = array_task(args)
+    if args.shard_size < 1 or args.size < 1:
+        raise PrepError(f"--shard-size {args.shard_size} and --size {args.size} must be positive")
+    if args.command == "idx" and args.size != Settings.size:
+        raise PrepError("--size does not apply to idx: IDX images keep their own size (28x28)")
+    source = SOURCES[args.command].open_source(args)
+    settings = Settings(args.encoding, args.compression, args.shard_size, args.seed, source.image_shape[0], args.max_pixels, args.resample)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        check_plan(args.out, make_plan(source, settings))
+    if comm:
+        comm.Barrier()
+    local = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", os.environ.get("MPI_LOCALNRANKS", size)))
+    threads = args.threads or default_threads(local)
+    t0 = time.perf_counter()
+    mine = run(source, args.out, settings, worker=task * size + rank, workers=tasks * size, threads=threads, show=rank == 0)
+    totals = comm.gather(mine) if comm else [mine]
+    if rank != 0:
+        return 0
+    seconds = time.perf_counter() - t0
+    images = sum(t["images"] for t in totals)
+    written, skipped = sum(t["shards_written"] for t in totals), sum(t["shards_skipped"] for t in totals)
+    print(f"data-prep: wrote {written} shards ({images} images) and kept {skipped} finished ones in {seconds:.1f} s, "
+          f"{images / max(seconds, 1e-9):.0f} img/s with {size} rank(s) x {threads} thread(s)")
+    if tasks > 1:
+        print(f"data-prep: task {task} of {tasks} done; after every task finishes run: data-prep finalize {args.out}")
+        return 0
+    mf.finalize(args.out, args.max_reject_fraction)
+    print(mf.describe(args.out, per_class=False))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    comm = get_comm() if args.command in SOURCES else None
+    try:
+        if args.command in SOURCES:
+            return prepare(args, comm)
+        if args.command == "finalize":
+            mf.finalize(args.dir, args.max_reject_fraction)
+            print(mf.describe(args.dir, per_class=False))
+        elif args.command == "verify":
+            problems = mf.verify(args.dir)
+            for p in problems:
+                print(f"data-prep verify: {p}", file=sys.stderr)
+            if problems:
+                return 1
+            print(f"data-prep verify: {args.dir}: every shard matches the manifest")
+        elif args.command == "inspect":
+            print(mf.describe(args.dir))
+        return 0
+    except (PrepError, FileNotFoundError, ValueError) as e:
+        print(f"data-prep: error: {e}", file=sys.stderr)
+        if comm:
+            comm.Abort(2)
+        return 2
+    except BaseException:
+        if comm:  # one failing rank must end the job, not leave the others waiting in a collective
+            import traceback
+
+            traceback.print_exc()
+            comm.Abort(1)
+        raise

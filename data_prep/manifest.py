@@ -1,0 +1,152 @@
+"""finalize (merge the shards' records into manifest.json), verify (re-hash and re-check) and inspect (a summary)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.pipeline import PLAN, npy_bytes, part_paths
+from data_prep.sources.base import PrepError
+from hpcdnn.atomic import write_bytes, write_json
+from hpcdnn.data.schema import MANIFEST, check_shard, load_manifest, sha256_file
+from hpcdnn.kernels.stats import ImageStats
+
+MEAN_FILE = "mean.npy"
+
+
+def load_plan(out: Path) -> dict:
+    path = out / PLAN
+    if not path.is_file():
+        raise PrepError(f"{path} not found: {out} is not a data-prep output directory (run `data-prep imagenet|folder|idx --out {out}` first)")
+    return json.loads(path.read_text())
+
+
+def read_stats(path: Path, shape) -> ImageStats:
+    flat = np.load(path)
+    h, w, c = shape
+    return ImageStats(int(flat[0]), flat[1 + c + c * c :].reshape(h, w, c).copy(), flat[1 : 1 + c].copy(), flat[1 + c : 1 + c + c * c].reshape(c, c).copy())
+
+
+def finalize(out: Path, max_reject_fraction: float) -> dict:
+    """Merge every shard record into manifest.json (and mean.npy); fail listing unfinished shards or too many rejects."""
+    plan = load_plan(out)
+    shape = plan["image_shape"]
+    missing, records = [], {}
+    for split, info in plan["splits"].items():
+        for shard in info["shards"]:
+            rec = part_paths(out, shard["file"])[0]
+            if rec.is_file():
+                records[shard["file"]] = json.loads(rec.read_text())
+            else:
+                missing.append(shard["file"])
+    if missing:
+        raise PrepError(
+            f"{len(missing)} of {len(missing) + len(records)} shards are not finished ({', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}); "
+            "re-run the same data-prep command (it resumes) or the job-array tasks that failed, then finalize again"
+        )
+    stats_split = "train" if "train" in plan["splits"] else next(iter(plan["splits"]))
+    stats = ImageStats.zeros(shape)
+    splits, rejected, converted = {}, [], []
+    for split, info in plan["splits"].items():
+        shards = []
+        for shard in info["shards"]:
+            r = records[shard["file"]]
+            shards.append({"file": r["file"], "count": r["count"], "sha256": r["sha256"], "bytes": r["bytes"]})
+            rejected += [dict(x, split=split) for x in r["rejected"]]
+            converted += [dict(x, split=split) for x in r["converted"]]
+            if split == stats_split:
+                stats.merge(read_stats(part_paths(out, shard["file"])[1], shape))
+        splits[split] = {"count": sum(s["count"] for s in shards), "planned": info["planned"], "shards": shards}
+    planned = sum(info["planned"] for info in plan["splits"].values())
+    if planned and len(rejected) / planned > max_reject_fraction:
+        write_json(out / "rejected.json", rejected)
+        reasons = Counter(r["reason"].split(":")[0] for r in rejected).most_common(5)
+        raise PrepError(
+            f"{len(rejected)} of {planned} inputs ({len(rejected) / planned:.3%}) were rejected, above --max-reject-fraction {max_reject_fraction}; "
+            f"top reasons: {reasons}. Every reject is listed in {out / 'rejected.json'}. Fix the inputs, or accept them by re-running with "
+            "a larger --max-reject-fraction (finished shards are kept)"
+        )
+    write_bytes(out / MEAN_FILE, npy_bytes(stats.mean_image()))
+    manifest = {
+        "schema_version": plan["schema_version"],
+        "source": plan["source"],
+        "encoding": plan["settings"]["encoding"],
+        "compression": plan["settings"]["compression"],
+        "image_shape": shape,
+        "settings": plan["settings"],
+        "classes": plan["classes"],
+        "splits": splits,
+        "mean": MEAN_FILE,
+        "stats_split": stats_split,
+        "stats_units": "uint8 pixel values (0..255)",
+        **stats.summary(),
+        "rejected": rejected,
+        "converted": converted,
+    }
+    write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def verify(out: Path) -> list[str]:
+    """Every problem found re-hashing and re-checking the shards against the manifest, each naming its file."""
+    manifest = load_manifest(out)
+    problems = []
+    for split, info in manifest["splits"].items():
+        for s in info["shards"]:
+            path = out / s["file"]
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+                continue
+            digest = sha256_file(path)
+            if digest != s["sha256"]:
+                problems.append(f"{path}: sha256 {digest[:16]}… does not match the manifest's {s['sha256'][:16]}… (file changed or corrupt)")
+            for p in check_shard(path, count=s["count"], num_classes=len(manifest["classes"]), image_shape=manifest["image_shape"], encoding=manifest["encoding"]):
+                problems.append(f"{path}: {p}")
+    mean = out / manifest["mean"]
+    if not mean.is_file():
+        problems.append(f"{mean}: missing (mean image)")
+    return problems
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return ""
+
+
+def describe(out: Path, per_class: bool = True) -> str:
+    """A one-screen human summary of a finished output directory."""
+    m = load_manifest(out)
+    lines = [f"{out}: {m['source']}, {len(m['classes'])} classes, images {'x'.join(map(str, m['image_shape']))} {m['encoding']}"]
+    for split, info in m["splits"].items():
+        nbytes = sum(s["bytes"] for s in info["shards"])
+        lines.append(f"  {split:<5} {info['count']:>9} images in {len(info['shards']):>5} shards, {human_bytes(nbytes)}")
+        if per_class:
+            counts = Counter()
+            for s in info["shards"]:
+                counts.update({int(k): int(v) for k, v in zip(*np.unique(_labels(out / s["file"]), return_counts=True))})
+            shown = ", ".join(f"{m['classes'][k]['name'].split(',')[0]}={counts[k]}" for k in sorted(counts)[:12])
+            more = f" … ({len(counts)} classes)" if len(counts) > 12 else ""
+            lines.append(f"        per class: {shown}{more}")
+    mean = ", ".join(f"{x:.1f}" for x in m["channel_mean"])
+    std = ", ".join(f"{x:.1f}" for x in m["channel_std"])
+    lines.append(f"  pixel mean [{mean}], std [{std}] over {m['stats_split']}; PCA eigenvalues {[round(v, 2) for v in m['pca']['eigval']]}")
+    lines.append(f"  converted {len(m['converted'])} inputs; rejected {len(m['rejected'])}")
+    for why, n in Counter(r["reason"].split(":")[0] for r in m["rejected"]).most_common(8):
+        lines.append(f"    {n:>6} × {why}")
+    for r in m["rejected"][:5]:
+        lines.append(f"    e.g. {r['path']}: {r['reason']}")
+    return "\n".join(lines)
+
+
+def _labels(path: Path) -> np.ndarray:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return f["labels"][...]
+

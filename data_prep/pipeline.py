@@ -1,0 +1,218 @@
+"""Plan, decode and write shards: the part of data-prep that every source shares.
+
+The plan (a seeded shuffle of each split, cut into shards) depends only on the input listing and the settings,
+so any number of MPI ranks or job-array tasks write exactly the bytes a serial run writes: shard g goes to
+worker g mod W. Each finished shard leaves a small record in DIR/.parts (count, sha256, rejects, exact
+statistics); a shard whose record and hash agree is skipped on a re-run, anything else is redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.decode import encode_jpeg
+from data_prep.sources.base import Options, PrepError, Source
+from hpcdnn.atomic import remove_stale_tmp, write_bytes, write_json
+from hpcdnn.data.schema import JPEG_QUALITY, SCHEMA_VERSION, ShardSchema, sha256_file, shard_name
+from hpcdnn.kernels.stats import ImageStats
+
+PLAN = "plan.json"
+PARTS = ".parts"
+
+
+@dataclass
+class Settings:
+    """Everything that decides the output bytes; recorded in plan.json and checked on every re-run."""
+
+    encoding: str = "raw"  # raw uint8 pixels or jpeg (quality 90) bytes
+    compression: str = "none"  # raw only: none | lzf | gzip
+    shard_size: int = 1024  # images per shard (1024 raw 256x256x3 images ~ 200 MB)
+    seed: int = 0  # shuffle seed: the order of samples across shards
+    size: int = 256  # side of the stored square images (IDX keeps 28)
+    max_pixels: int = 89_478_485  # larger inputs are rejected as decompression bombs
+    resample: str = "bilinear"  # antialiased resize filter: bilinear | bicubic | lanczos
+
+
+def fingerprint(source: Source) -> str:
+    """sha256 of every (split, key, label): two tasks that listed different inputs must not share a DIR."""
+    h = hashlib.sha256()
+    for split, items in sorted(source.splits.items()):
+        for it in items:
+            h.update(f"{split}\0{it.key}\0{it.label}\n".encode())
+    return h.hexdigest()
+
+
+def make_plan(source: Source, settings: Settings) -> dict:
+    """The shard layout: per split, a seeded permutation cut into shards of `shard_size`."""
+    splits = {}
+    for split, items in source.splits.items():
+        total = -(-len(items) // settings.shard_size)
+        shards = [{"file": shard_name(split, k, total), "planned": min(settings.shard_size, len(items) - k * settings.shard_size)} for k in range(total)]
+        splits[split] = {"planned": len(items), "shards": shards}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "source": source.name,
+        "image_shape": list(source.image_shape),
+        "classes": source.classes,
+        "settings": asdict(settings),
+        "splits": splits,
+        "fingerprint": fingerprint(source),
+    }
+
+
+def shard_items(source: Source, split: str, settings: Settings) -> list[list]:
+    """Items of each shard of `split` in the planned (shuffled) order."""
+    items = source.splits[split]
+    rng = np.random.default_rng([settings.seed, ("train", "val", "test").index(split)])
+    perm = rng.permutation(len(items))
+    return [[items[j] for j in perm[k : k + settings.shard_size]] for k in range(0, len(items), settings.shard_size)]
+
+
+def check_plan(out: Path, plan: dict) -> None:
+    """Write plan.json, or check an existing one matches: a DIR is never mixed from two different inputs."""
+    path = out / PLAN
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != plan:
+            diff = [k for k in plan if old.get(k) != plan[k]]
+            raise PrepError(
+                f"{out} was started with different inputs or settings (differs in: {', '.join(diff)}; was {json.dumps(old.get('settings'))}); "
+                "re-run with the same arguments to resume, or choose a new --out"
+            )
+    else:
+        write_json(path, plan)
+
+
+def part_paths(out: Path, file: str) -> tuple[Path, Path]:
+    return out / PARTS / f"{file}.json", out / PARTS / f"{file}.stats.npy"
+
+
+def is_done(out: Path, file: str) -> bool:
+    """A shard counts as done when its record exists and its file still hashes to the recorded sha256."""
+    record, stats = part_paths(out, file)
+    if not (record.exists() and stats.exists() and (out / file).exists()):
+        return False
+    return json.loads(record.read_text())["sha256"] == sha256_file(out / file)
+
+
+class Progress:
+    """A tqdm bar on a terminal; a plain line every `every` seconds otherwise (Slurm logs)."""
+
+    def __init__(self, total: int, label: str, enabled: bool, every: float = 30.0):
+        self.total, self.label, self.enabled, self.every = total, label, enabled, every
+        self.done, self.start, self.last = 0, time.perf_counter(), time.perf_counter()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=label, unit="img", smoothing=0.1)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and time.perf_counter() - self.last >= self.every:
+            self.last = time.perf_counter()
+            rate = self.done / (self.last - self.start)
+            print(f"[data-prep] {self.label}: {self.done}/{self.total} images, {rate:.0f} img/s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def decode_into(source: Source, split: str, item, opts: Options, buf: np.ndarray, pos: int, encoding: str):
+    """Worker-thread body: decode one item into buf[pos]; returns the Decoded (pixels dropped) and JPEG bytes."""
+    d = source.load(item, split, opts)
+    data = None
+    if d.array is not None:
+        buf[pos] = d.array
+        if encoding == "jpeg":
+            data = encode_jpeg(d.array, JPEG_QUALITY)
+        d.array = None
+    return d, data
+
+
+def write_shard(out: Path, job: dict, buf: np.ndarray, results: list, schema: ShardSchema, num_classes: int, source_name: str) -> dict:
+    """Write one shard and its record from decoded results; returns the record."""
+    keep, rejected, converted, jpegs = [], [], [], []
+    for pos, (item, (d, data)) in enumerate(zip(job["items"], results)):
+        if d.reason:
+            rejected.append({"path": item.key, "reason": d.reason})
+            continue
+        keep.append(pos)
+        jpegs.append(data)
+        if d.note:
+            converted.append({"path": item.key, "note": d.note})
+    images = buf if len(keep) == len(buf) else buf[keep]
+    labels = np.array([job["items"][p].label for p in keep], dtype=np.int32)
+    keys = [job["items"][p].key for p in keep]
+    stats = ImageStats.zeros(schema.image_shape)
+    stats.add(images)
+    file = job["file"]
+    remove_stale_tmp(out / file)
+    attrs = {"num_classes": num_classes, "source": source_name, "split": job["split"], "shard_index": job["index"]}
+    schema.write(out / file, images if schema.encoding == "raw" else jpegs, labels, keys, attrs)
+    record_path, stats_path = part_paths(out, file)
+    flat = np.concatenate([[stats.count], stats.channel_sum, stats.cross_sum.ravel(), stats.pixel_sum.ravel()]).astype(np.int64)
+    write_bytes(stats_path, npy_bytes(flat))
+    record = {"file": file, "split": job["split"], "count": len(keep), "planned": len(buf), "sha256": sha256_file(out / file),
+              "bytes": (out / file).stat().st_size, "rejected": rejected, "converted": converted}
+    write_json(record_path, record)
+    return record
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """The .npy encoding of `array` (no timestamps: deterministic)."""
+    b = io.BytesIO()
+    np.save(b, array)
+    return b.getvalue()
+
+
+def run(source: Source, out: Path, settings: Settings, *, worker: int, workers: int, threads: int, show: bool) -> dict:
+    """Write this worker's shards (g mod workers == worker), skipping finished ones. Returns counts for the summary."""
+    opts = Options(size=settings.size, max_pixels=settings.max_pixels, resample=settings.resample)
+    schema = ShardSchema(tuple(source.image_shape), settings.encoding, settings.compression)
+    plan = make_plan(source, settings)
+    jobs, g = [], 0
+    for split in plan["splits"]:
+        for k, items in enumerate(shard_items(source, split, settings)):
+            if g % workers == worker:
+                jobs.append({"split": split, "index": k, "file": plan["splits"][split]["shards"][k]["file"], "items": items})
+            g += 1
+    (out / PARTS).mkdir(parents=True, exist_ok=True)
+    todo = [j for j in jobs if not is_done(out, j["file"])]
+    progress = Progress(sum(len(j["items"]) for j in todo), f"worker {worker}/{workers}" if workers > 1 else "data-prep", show)
+    t0, images = time.perf_counter(), 0
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        pending: deque = deque()
+
+        def submit(job):
+            buf = np.empty((len(job["items"]), *source.image_shape), np.uint8)
+            futs = [pool.submit(decode_into, source, job["split"], it, opts, buf, p, settings.encoding) for p, it in enumerate(job["items"])]
+            pending.append((job, buf, futs))
+
+        queue = deque(todo)
+        while queue or pending:
+            while queue and len(pending) < 2:  # decode the next shard while this one is written
+                submit(queue.popleft())
+            job, buf, futs = pending.popleft()
+            results = []
+            for f in futs:
+                results.append(f.result())
+                progress.update()
+            write_shard(out, job, buf, results, schema, len(source.classes), source.name)
+            images += len(job["items"])
+    progress.close()
+    return {"shards_written": len(todo), "shards_skipped": len(jobs) - len(todo), "images": images, "seconds": time.perf_counter() - t0}

@@ -1,0 +1,63 @@
+"""Atomic file writes: write to a temporary name beside the target, fsync, rename, fsync the directory.
+
+A reader (or a resumed run) therefore sees either the old file or the complete new one, never a torn write.
+Shards, manifests and checkpoints all go through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+TMP_MARK = ".tmp."
+
+
+def tmp_name(path: Path) -> Path:
+    """The temporary name for `path`: unique per host and process, recognisable for clean-up."""
+    return path.with_name(f"{path.name}{TMP_MARK}{socket.gethostname()}.{os.getpid()}")
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write; on success fsync it and rename it to `path`, else delete it."""
+    path = Path(path)
+    tmp = tmp_name(path)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Atomically replace `path` with `data`."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | os.PathLike, obj: object) -> None:
+    """Atomically write `obj` as stable, human-readable JSON (sorted keys, so equal data gives equal bytes)."""
+    write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def remove_stale_tmp(path: str | os.PathLike) -> None:
+    """Delete temporaries of `path` left behind by a killed writer."""
+    path = Path(path)
+    for stale in path.parent.glob(f"{path.name}{TMP_MARK}*"):
+        stale.unlink(missing_ok=True)
