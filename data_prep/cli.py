@@ -1,9 +1,9 @@
 """`data-prep` command line: one subcommand per data source, plus finalize, verify and inspect.
 
-  data-prep idx --dir /usr/share/datasets/fashion-mnist --out data/fashion
-  mpirun -n 8 python -m mpi4py -m data_prep imagenet --root /datasets/ILSVRC2012 --out /scratch/imagenet
-  sbatch --array=0-63 slurm/prep_imagenet.sbatch   (each task: --task-index/--num-tasks from Slurm)
-  data-prep finalize /scratch/imagenet && data-prep verify /scratch/imagenet
+data-prep idx --dir /usr/share/datasets/fashion-mnist --out data/fashion
+mpirun -n 8 python -m mpi4py -m data_prep imagenet --root /datasets/ILSVRC2012 --out /scratch/imagenet
+sbatch --array=0-63 slurm/prep_imagenet.sbatch   (each task: --task-index/--num-tasks from Slurm)
+data-prep finalize /scratch/imagenet && data-prep verify /scratch/imagenet
 """
 
 from __future__ import annotations
@@ -29,11 +29,15 @@ def add_prep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="output directory (created; re-running resumes)")
     p.add_argument("--size", type=int, default=d.size, help=f"side of the stored square images (default {d.size}; IDX keeps its own size)")
     p.add_argument("--encoding", choices=ENCODINGS, default=d.encoding, help="raw uint8 pixels, or jpeg quality-90 bytes (~10x smaller)")
-    p.add_argument("--compression", choices=COMPRESSIONS, default=d.compression, help="HDF5 filter for raw images (default none: fastest reads)")
+    p.add_argument(
+        "--compression", choices=COMPRESSIONS, default=d.compression, help="HDF5 filter for raw images (default none: fastest reads)"
+    )
     p.add_argument("--shard-size", type=int, default=d.shard_size, help=f"images per shard (default {d.shard_size})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the shuffle across shards")
     p.add_argument("--resample", choices=["bilinear", "bicubic", "lanczos"], default=d.resample, help="antialiased resize filter")
-    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="reject larger inputs as decompression bombs (default: Pillow's limit)")
+    p.add_argument(
+        "--max-pixels", type=int, default=d.max_pixels, help="reject larger inputs as decompression bombs (default: Pillow's limit)"
+    )
     p.add_argument("--max-reject-fraction", type=float, default=0.001, help="fail when more inputs than this are rejected (default 0.001)")
     p.add_argument("--threads", type=int, default=0, help="decoding threads per process (default: this process's CPUs / ranks on the node)")
     p.add_argument("--task-index", type=int, help="job-array task index (default: from SLURM_ARRAY_TASK_ID)")
@@ -68,7 +72,9 @@ def array_task(args: argparse.Namespace) -> tuple[int, int]:
     else:
         index = 0
     if count < 1 or not 0 <= index < count:
-        raise PrepError(f"task index {index} of {count} tasks is out of range; use --task-index 0..{count - 1} (or --array=0-{count - 1} in Slurm)")
+        raise PrepError(
+            f"task index {index} of {count} tasks is out of range; use --task-index 0..{count - 1} (or --array=0-{count - 1} in Slurm)"
+        )
     return index, count
 
 
@@ -110,8 +116,10 @@ def prepare(args: argparse.Namespace, comm) -> int:
     seconds = time.perf_counter() - t0
     images = sum(t["images"] for t in totals)
     written, skipped = sum(t["shards_written"] for t in totals), sum(t["shards_skipped"] for t in totals)
-    print(f"data-prep: wrote {written} shards ({images} images) and kept {skipped} finished ones in {seconds:.1f} s, "
-          f"{images / max(seconds, 1e-9):.0f} img/s with {size} rank(s) x {threads} thread(s)")
+    print(
+        f"data-prep: wrote {written} shards ({images} images) and kept {skipped} finished ones in {seconds:.1f} s, "
+        f"{images / max(seconds, 1e-9):.0f} img/s with {size} rank(s) x {threads} thread(s)"
+    )
     if tasks > 1:
         print(f"data-prep: task {task} of {tasks} done; after every task finishes run: data-prep finalize {args.out}")
         return 0

@@ -20,14 +20,21 @@ MEAN_FILE = "mean.npy"
 def load_plan(out: Path) -> dict:
     path = out / PLAN
     if not path.is_file():
-        raise PrepError(f"{path} not found: {out} is not a data-prep output directory (run `data-prep imagenet|folder|idx --out {out}` first)")
+        raise PrepError(
+            f"{path} not found: {out} is not a data-prep output directory (run `data-prep imagenet|folder|idx --out {out}` first)"
+        )
     return json.loads(path.read_text())
 
 
 def read_stats(path: Path, shape) -> ImageStats:
     flat = np.load(path)
     h, w, c = shape
-    return ImageStats(int(flat[0]), flat[1 + c + c * c :].reshape(h, w, c).copy(), flat[1 : 1 + c].copy(), flat[1 + c : 1 + c + c * c].reshape(c, c).copy())
+    return ImageStats(
+        int(flat[0]),
+        flat[1 + c + c * c :].reshape(h, w, c).copy(),
+        flat[1 : 1 + c].copy(),
+        flat[1 + c : 1 + c + c * c].reshape(c, c).copy(),
+    )
 
 
 def finalize(out: Path, max_reject_fraction: float) -> dict:
@@ -35,7 +42,7 @@ def finalize(out: Path, max_reject_fraction: float) -> dict:
     plan = load_plan(out)
     shape = plan["image_shape"]
     missing, records = [], {}
-    for split, info in plan["splits"].items():
+    for info in plan["splits"].values():
         for shard in info["shards"]:
             rec = part_paths(out, shard["file"])[0]
             if rec.is_file():
@@ -94,7 +101,7 @@ def verify(out: Path) -> list[str]:
     """Every problem found re-hashing and re-checking the shards against the manifest, each naming its file."""
     manifest = load_manifest(out)
     problems = []
-    for split, info in manifest["splits"].items():
+    for info in manifest["splits"].values():
         for s in info["shards"]:
             path = out / s["file"]
             if not path.is_file():
@@ -102,8 +109,16 @@ def verify(out: Path) -> list[str]:
                 continue
             digest = sha256_file(path)
             if digest != s["sha256"]:
-                problems.append(f"{path}: sha256 {digest[:16]}… does not match the manifest's {s['sha256'][:16]}… (file changed or corrupt)")
-            for p in check_shard(path, count=s["count"], num_classes=len(manifest["classes"]), image_shape=manifest["image_shape"], encoding=manifest["encoding"]):
+                problems.append(
+                    f"{path}: sha256 {digest[:16]}… does not match the manifest's {s['sha256'][:16]}… (file changed or corrupt)"
+                )
+            for p in check_shard(
+                path,
+                count=s["count"],
+                num_classes=len(manifest["classes"]),
+                image_shape=manifest["image_shape"],
+                encoding=manifest["encoding"],
+            ):
                 problems.append(f"{path}: {p}")
     mean = out / manifest["mean"]
     if not mean.is_file():
@@ -149,4 +164,3 @@ def _labels(path: Path) -> np.ndarray:
 
     with h5py.File(path, "r") as f:
         return f["labels"][...]
-

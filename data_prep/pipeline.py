@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import sys
 import time
 from collections import deque
@@ -58,7 +57,10 @@ def make_plan(source: Source, settings: Settings) -> dict:
     splits = {}
     for split, items in source.splits.items():
         total = -(-len(items) // settings.shard_size)
-        shards = [{"file": shard_name(split, k, total), "planned": min(settings.shard_size, len(items) - k * settings.shard_size)} for k in range(total)]
+        shards = [
+            {"file": shard_name(split, k, total), "planned": min(settings.shard_size, len(items) - k * settings.shard_size)}
+            for k in range(total)
+        ]
         splits[split] = {"planned": len(items), "shards": shards}
     return {
         "schema_version": SCHEMA_VERSION,
@@ -167,8 +169,16 @@ def write_shard(out: Path, job: dict, buf: np.ndarray, results: list, schema: Sh
     record_path, stats_path = part_paths(out, file)
     flat = np.concatenate([[stats.count], stats.channel_sum, stats.cross_sum.ravel(), stats.pixel_sum.ravel()]).astype(np.int64)
     write_bytes(stats_path, npy_bytes(flat))
-    record = {"file": file, "split": job["split"], "count": len(keep), "planned": len(buf), "sha256": sha256_file(out / file),
-              "bytes": (out / file).stat().st_size, "rejected": rejected, "converted": converted}
+    record = {
+        "file": file,
+        "split": job["split"],
+        "count": len(keep),
+        "planned": len(buf),
+        "sha256": sha256_file(out / file),
+        "bytes": (out / file).stat().st_size,
+        "rejected": rejected,
+        "converted": converted,
+    }
     write_json(record_path, record)
     return record
 
@@ -200,7 +210,9 @@ def run(source: Source, out: Path, settings: Settings, *, worker: int, workers: 
 
         def submit(job):
             buf = np.empty((len(job["items"]), *source.image_shape), np.uint8)
-            futs = [pool.submit(decode_into, source, job["split"], it, opts, buf, p, settings.encoding) for p, it in enumerate(job["items"])]
+            futs = [
+                pool.submit(decode_into, source, job["split"], it, opts, buf, p, settings.encoding) for p, it in enumerate(job["items"])
+            ]
             pending.append((job, buf, futs))
 
         queue = deque(todo)

