@@ -23,26 +23,21 @@ def prep(*args: str | os.PathLike) -> int:
     return main([str(a) for a in args])
 
 
+def mpirun(n: int) -> list[str]:
+    """The launcher prefix for n ranks, for this venv's MPI (Open MPI needs flags to run as root and oversubscribe)."""
+    exe = str(BIN / "mpirun")
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
+    if "Open MPI" in version:
+        return [exe, "-n", str(n), "--oversubscribe", "--allow-run-as-root", "--mca", "osc", "^ucx"]
+    return [exe, "-n", str(n)]  # MPICH (Hydra)
+
+
 def prep_process(*args, timeout: float = 120, mpi: int = 0, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run data-prep as a real process (under `mpirun -n mpi` when mpi > 0), with a timeout so nothing hangs CI."""
     cmd = [sys.executable, "-m", "data_prep", *map(str, args)]
     if mpi:
-        cmd = [
-            str(BIN / "mpirun"),
-            "-n",
-            str(mpi),
-            "--oversubscribe",
-            "--allow-run-as-root",
-            "--mca",
-            "osc",
-            "^ucx",
-            sys.executable,
-            "-m",
-            "mpi4py",
-            *cmd[1:],
-        ]
-    full_env = {**os.environ, "OMPI_MCA_rmaps_base_oversubscribe": "1", **(env or {})}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+        cmd = [*mpirun(mpi), sys.executable, "-m", "mpi4py", *cmd[1:]]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")
     return r
