@@ -79,7 +79,8 @@ def array_task(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def default_threads(local_ranks: int) -> int:
-    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or len(os.sched_getaffinity(0))
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or usable
     return max(1, cpus // max(1, local_ranks))
 
 
@@ -103,6 +104,8 @@ def prepare(args: argparse.Namespace, comm) -> int:
     settings = Settings(args.encoding, args.compression, args.shard_size, args.seed, source.image_shape[0], args.max_pixels, args.resample)
     args.out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
+        for note in source.notes:
+            print(f"data-prep: note: {note}", file=sys.stderr)
         check_plan(args.out, make_plan(source, settings))
     if comm:
         comm.Barrier()

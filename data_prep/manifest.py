@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from data_prep.pipeline import PLAN, npy_bytes, part_paths
+from data_prep.pipeline import PLAN, record_path
 from data_prep.sources.base import PrepError
 from hpcdnn.atomic import write_bytes, write_json
 from hpcdnn.data.schema import MANIFEST, check_shard, load_manifest, sha256_file
@@ -44,7 +45,7 @@ def finalize(out: Path, max_reject_fraction: float) -> dict:
     missing, records = [], {}
     for info in plan["splits"].values():
         for shard in info["shards"]:
-            rec = part_paths(out, shard["file"])[0]
+            rec = record_path(out, shard["file"])
             if rec.is_file():
                 records[shard["file"]] = json.loads(rec.read_text())
             else:
@@ -65,7 +66,7 @@ def finalize(out: Path, max_reject_fraction: float) -> dict:
             rejected += [dict(x, split=split) for x in r["rejected"]]
             converted += [dict(x, split=split) for x in r["converted"]]
             if split == stats_split:
-                stats.merge(read_stats(part_paths(out, shard["file"])[1], shape))
+                stats.merge(ImageStats.from_json(r["stats"]))
         splits[split] = {"count": sum(s["count"] for s in shards), "planned": info["planned"], "shards": shards}
     planned = sum(info["planned"] for info in plan["splits"].values())
     if planned and len(rejected) / planned > max_reject_fraction:
@@ -95,6 +96,13 @@ def finalize(out: Path, max_reject_fraction: float) -> dict:
     }
     write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """The .npy encoding of `array` (no timestamps: deterministic)."""
+    b = io.BytesIO()
+    np.save(b, array)
+    return b.getvalue()
 
 
 def verify(out: Path) -> list[str]:

@@ -9,9 +9,9 @@ statistics); a shard whose record and hash agree is skipped on a re-run, anythin
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +22,7 @@ import numpy as np
 
 from data_prep.decode import encode_jpeg
 from data_prep.sources.base import Options, PrepError, Source
-from hpcdnn.atomic import remove_stale_tmp, write_bytes, write_json
+from hpcdnn.atomic import remove_stale_tmp, write_json
 from hpcdnn.data.schema import JPEG_QUALITY, SCHEMA_VERSION, ShardSchema, sha256_file, shard_name
 from hpcdnn.kernels.stats import ImageStats
 
@@ -96,16 +96,37 @@ def check_plan(out: Path, plan: dict) -> None:
         write_json(path, plan)
 
 
-def part_paths(out: Path, file: str) -> tuple[Path, Path]:
-    return out / PARTS / f"{file}.json", out / PARTS / f"{file}.stats.npy"
+def record_path(out: Path, file: str) -> Path:
+    """Where the record of a finished shard lives (count, sha256, rejects, exact statistics)."""
+    return out / PARTS / f"{file}.json"
 
 
 def is_done(out: Path, file: str) -> bool:
     """A shard counts as done when its record exists and its file still hashes to the recorded sha256."""
-    record, stats = part_paths(out, file)
-    if not (record.exists() and stats.exists() and (out / file).exists()):
+    record = record_path(out, file)
+    if not (record.exists() and (out / file).exists()):
         return False
     return json.loads(record.read_text())["sha256"] == sha256_file(out / file)
+
+
+class ShardStats:
+    """Exact statistics of one shard, summed by the decoding threads into per-thread partials (no lock per image)."""
+
+    def __init__(self, shape):
+        self.shape, self.parts, self.lock = shape, {}, threading.Lock()
+
+    def add(self, image: np.ndarray) -> None:
+        part = self.parts.get(threading.get_ident())
+        if part is None:
+            with self.lock:
+                part = self.parts.setdefault(threading.get_ident(), ImageStats.zeros(self.shape))
+        part.add_one(image)
+
+    def total(self) -> ImageStats:
+        total = ImageStats.zeros(self.shape)
+        for part in self.parts.values():
+            total.merge(part)
+        return total
 
 
 class Progress:
@@ -134,19 +155,22 @@ class Progress:
             self.bar.close()
 
 
-def decode_into(source: Source, split: str, item, opts: Options, buf: np.ndarray, pos: int, encoding: str):
-    """Worker-thread body: decode one item into buf[pos]; returns the Decoded (pixels dropped) and JPEG bytes."""
+def decode_into(source: Source, split: str, item, opts: Options, buf: np.ndarray, pos: int, stats: ShardStats, encoding: str):
+    """Worker-thread body: decode one item into buf[pos] and its statistics; returns the Decoded (pixels dropped) and JPEG bytes."""
     d = source.load(item, split, opts)
     data = None
     if d.array is not None:
         buf[pos] = d.array
+        stats.add(d.array)
         if encoding == "jpeg":
             data = encode_jpeg(d.array, JPEG_QUALITY)
         d.array = None
     return d, data
 
 
-def write_shard(out: Path, job: dict, buf: np.ndarray, results: list, schema: ShardSchema, num_classes: int, source_name: str) -> dict:
+def write_shard(
+    out: Path, job: dict, buf: np.ndarray, results: list, stats: ImageStats, schema: ShardSchema, num_classes: int, source_name: str
+) -> dict:
     """Write one shard and its record from decoded results; returns the record."""
     keep, rejected, converted, jpegs = [], [], [], []
     for pos, (item, (d, data)) in enumerate(zip(job["items"], results)):
@@ -160,15 +184,11 @@ def write_shard(out: Path, job: dict, buf: np.ndarray, results: list, schema: Sh
     images = buf if len(keep) == len(buf) else buf[keep]
     labels = np.array([job["items"][p].label for p in keep], dtype=np.int32)
     keys = [job["items"][p].key for p in keep]
-    stats = ImageStats.zeros(schema.image_shape)
-    stats.add(images)
     file = job["file"]
     remove_stale_tmp(out / file)
     attrs = {"num_classes": num_classes, "source": source_name, "split": job["split"], "shard_index": job["index"]}
-    schema.write(out / file, images if schema.encoding == "raw" else jpegs, labels, keys, attrs)
-    record_path, stats_path = part_paths(out, file)
-    flat = np.concatenate([[stats.count], stats.channel_sum, stats.cross_sum.ravel(), stats.pixel_sum.ravel()]).astype(np.int64)
-    write_bytes(stats_path, npy_bytes(flat))
+    # no directory fsync: the record below (fsynced with its directory) marks completion, and a resume re-hashes the shard
+    schema.write(out / file, images if schema.encoding == "raw" else jpegs, labels, keys, attrs, sync_dir=False)
     record = {
         "file": file,
         "split": job["split"],
@@ -178,16 +198,10 @@ def write_shard(out: Path, job: dict, buf: np.ndarray, results: list, schema: Sh
         "bytes": (out / file).stat().st_size,
         "rejected": rejected,
         "converted": converted,
+        "stats": stats.to_json(),
     }
-    write_json(record_path, record)
+    write_json(record_path(out, file), record)
     return record
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    """The .npy encoding of `array` (no timestamps: deterministic)."""
-    b = io.BytesIO()
-    np.save(b, array)
-    return b.getvalue()
 
 
 def run(source: Source, out: Path, settings: Settings, *, worker: int, workers: int, threads: int, show: bool) -> dict:
@@ -210,21 +224,23 @@ def run(source: Source, out: Path, settings: Settings, *, worker: int, workers: 
 
         def submit(job):
             buf = np.empty((len(job["items"]), *source.image_shape), np.uint8)
+            stats = ShardStats(tuple(source.image_shape))
             futs = [
-                pool.submit(decode_into, source, job["split"], it, opts, buf, p, settings.encoding) for p, it in enumerate(job["items"])
+                pool.submit(decode_into, source, job["split"], it, opts, buf, p, stats, settings.encoding)
+                for p, it in enumerate(job["items"])
             ]
-            pending.append((job, buf, futs))
+            pending.append((job, buf, stats, futs))
 
         queue = deque(todo)
         while queue or pending:
             while queue and len(pending) < 2:  # decode the next shard while this one is written
                 submit(queue.popleft())
-            job, buf, futs = pending.popleft()
+            job, buf, stats, futs = pending.popleft()
             results = []
             for f in futs:
                 results.append(f.result())
                 progress.update()
-            write_shard(out, job, buf, results, schema, len(source.classes), source.name)
+            write_shard(out, job, buf, results, stats.total(), schema, len(source.classes), source.name)
             images += len(job["items"])
     progress.close()
     return {"shards_written": len(todo), "shards_skipped": len(jobs) - len(todo), "images": images, "seconds": time.perf_counter() - t0}

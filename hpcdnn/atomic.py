@@ -31,15 +31,20 @@ def fsync_path(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path to write; on success fsync it and rename it to `path`, else delete it."""
+def atomic_path(path: str | os.PathLike, sync_dir: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write; on success fsync it and rename it to `path`, else delete it.
+
+    sync_dir=False skips the directory fsync (the rename may then be lost in a power cut, never torn): for files
+    whose completion is recorded, and re-checked, elsewhere.
+    """
     path = Path(path)
     tmp = tmp_name(path)
     try:
         yield tmp
         fsync_path(tmp)
         os.replace(tmp, path)
-        fsync_path(path.parent)
+        if sync_dir:
+            fsync_path(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()

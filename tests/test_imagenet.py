@@ -141,3 +141,13 @@ def test_other_settings_in_same_dir_refused(imagenet2012, tmp_path, capsys):
 @pytest.mark.parametrize("flag", ["--size=0", "--shard-size=0"])
 def test_nonsense_numbers_refused(imagenet2012, tmp_path, flag):
     assert prep("imagenet", "--root", imagenet2012["root"], "--out", tmp_path / "o", flag) == 2
+
+
+def test_unlabelled_test_split_left_out_with_a_note(imagenet2012, tmp_path, capsys):
+    root = tmp_path / "in"
+    shutil.copytree(imagenet2012["root"], root)
+    (root / "test").mkdir()
+    shutil.copy(next((root / "val").iterdir()), root / "test" / "ILSVRC2012_test_00000001.JPEG")
+    assert prep("imagenet", "--root", root, "--out", tmp_path / "out", "--size", "16") == 0
+    assert "test/ left out: no labels" in capsys.readouterr().err
+    assert set(load_manifest(tmp_path / "out")["splits"]) == {"train", "val"}

@@ -50,6 +50,7 @@ class Source:
     classes: list[dict]
     splits: dict[str, list[Item]]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # in-memory images (IDX), by split
+    notes: list[str] = field(default_factory=list)  # what the user should know (e.g. a split left out), printed once
 
     def load(self, item: Item, split: str, opts: Options) -> Decoded:
         """Pixels of one item, or the reason it is rejected."""
@@ -79,7 +80,7 @@ def list_files(directory: Path, root: Path, label: int, key_prefix: str) -> list
         if e.is_dir(follow_symlinks=False):
             continue
         key = f"{key_prefix}{e.name}"
-        if not inside(path, root):
+        if e.is_symlink() and not inside(path, root):  # plain entries of a directory inside root are inside root
             items.append(Item(key, label, str(path), reject=f"symlink points outside the input root {root}: {os.path.realpath(path)}"))
         elif not path.is_file():
             items.append(Item(key, label, str(path), reject="not a regular file (dangling symlink or special file)"))

@@ -4,6 +4,8 @@ Layout: ROOT/train/<wnid>/*.JPEG, ROOT/val/ILSVRC20xx_val_%08d.JPEG, (2010) ROOT
 Labels of val/test come from the devkit: the ground-truth file holds one ILSVRC20xx_ID per image, and meta.mat
 maps ID -> WNID (IDs are *not* in sorted-WNID order). A plain `filename wnid` file may be given instead.
 Class indices are 0..K-1 in sorted WNID order (the torchvision/Caffe convention).
+A split directory may be a symlink (e.g. to a parallel file system); class directories and files inside it may not
+lead out of it (such files are rejected with the reason, such class directories refused).
 """
 
 from __future__ import annotations
@@ -89,8 +91,14 @@ def open_source(args: argparse.Namespace) -> Source:
         bad = [s for s in wanted if s not in ("train", "val", "test")]
         if bad:
             raise PrepError(f"--splits {args.splits!r}: unknown split(s) {bad}; choose from train, val, test")
+        notes = []
     else:
         wanted = [s for s in present if s == "train" or plain[s] or truth[s].exists()]
+        notes = [
+            f"{root / s}/ left out: no labels ({truth[s]} missing; pass --{s}-labels FILE to include it)"
+            for s in present
+            if s not in wanted
+        ]
         if not wanted:
             raise PrepError(f"{root} has no train/, val/ or test/ directory (ILSVRC layout: ROOT/train/<wnid>/*.JPEG, ROOT/val/*.JPEG)")
 
@@ -110,7 +118,8 @@ def open_source(args: argparse.Namespace) -> Source:
     meta = read_meta(meta_path) if meta_path.is_file() else {}
     words = {w: name for w, name in meta.values()}
     if "train" in wanted:
-        wnids = class_dirs(root / "train", root)
+        train = (root / "train").resolve()  # a split directory may be a symlink; nothing may leave it
+        wnids = class_dirs(train, train)
         if not wnids:
             raise PrepError(f"{root / 'train'} has no class directories (expected train/<wnid>/*.JPEG)")
         unknown = [w for w in wnids if meta and w not in words]
@@ -128,11 +137,11 @@ def open_source(args: argparse.Namespace) -> Source:
     splits = {}
     for s in wanted:
         if s == "train":
-            splits[s] = [it for w in wnids for it in list_files(root / "train" / w, root, index[w], f"train/{w}/")]
+            splits[s] = [it for w in wnids for it in list_files(train / w, train, index[w], f"train/{w}/")]
         else:
             labels = read_plain_labels(plain[s]) if plain[s] else devkit_labels(root / s, truth[s], meta)
             splits[s] = labelled_items(root, s, labels, index, source=str(plain[s] or truth[s]))
-    return Source(f"imagenet-{year}", (args.size, args.size, 3), classes, splits)
+    return Source(f"imagenet-{year}", (args.size, args.size, 3), classes, splits, notes=notes)
 
 
 def devkit_labels(split_dir: Path, truth: Path, meta: dict[int, tuple[str, str]]) -> dict[str, str]:
@@ -159,7 +168,8 @@ def labelled_items(root: Path, split: str, labels: dict[str, str], index: dict[s
         raise PrepError(
             f"{source} names {len(unknown)} WNID(s) that are not training classes: {unknown[:10]}; use the labels file matching this train/"
         )
-    files = {it.key.split("/", 1)[1]: it for it in list_files(root / split, root, -1, f"{split}/")}
+    split_dir = (root / split).resolve()
+    files = {it.key.split("/", 1)[1]: it for it in list_files(split_dir, split_dir, -1, f"{split}/")}
     absent = sorted(set(labels) - set(files))
     unlabelled = sorted(set(files) - set(labels))
     if absent or unlabelled:

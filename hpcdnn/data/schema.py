@@ -60,7 +60,7 @@ class ShardSchema:
         if self.encoding == "jpeg" and self.compression != "none":
             raise ValueError("compression applies to --encoding raw only; JPEG bytes do not compress further")
 
-    def write(self, path: str | Path, images, labels: np.ndarray, keys: list[str], attrs: dict) -> None:
+    def write(self, path: str | Path, images, labels: np.ndarray, keys: list[str], attrs: dict, sync_dir: bool = True) -> None:
         """Atomically write one shard. `images` is uint8 (N,H,W,C) for raw, a list of JPEG bytes for jpeg.
 
         Datasets are created without timestamps so the same input gives byte-identical files.
@@ -68,7 +68,7 @@ class ShardSchema:
         n = len(labels)
         if len(images) != n or len(keys) != n:
             raise ValueError(f"shard {path}: {len(images)} images, {n} labels, {len(keys)} keys must agree")
-        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        with atomic_path(path, sync_dir) as tmp, h5py.File(tmp, "w") as f:
             if self.encoding == "raw":
                 images = np.asarray(images, dtype=np.uint8).reshape((n, *self.image_shape))
                 ds = f.create_dataset(
