@@ -29,10 +29,12 @@ fashion-mnist:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
 	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu) or pass the IDX files' directory to data-prep idx --dir"; exit 1; fi; }
 
+# The demo: shard Fashion-MNIST, train alexnet_small on it (a few minutes on 2 cores), evaluate, plot.
 demo: install fashion-mnist
 	$(BIN)/data-prep idx --dir $(FASHION) --out $(DATA)/fashion-mnist --shard-size 8192
 	$(BIN)/data-prep verify $(DATA)/fashion-mnist
-	$(BIN)/data-prep inspect $(DATA)/fashion-mnist
+	$(BIN)/hpcdnn train --config fashion_small --data=$(DATA)/fashion-mnist --run_dir=runs/demo
+	$(BIN)/hpcdnn plot runs/demo -o runs/demo/curves.png
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -48,7 +50,10 @@ format: install
 	$(BIN)/ruff check --fix hpcdnn data_prep tests bench
 	$(BIN)/ruff format hpcdnn data_prep tests bench
 
-bench: bench-prep
+bench: bench-prep install
+	$(BIN)/python bench/kernels.py
+	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/model.py
 
 bench-prep: install
 	$(BIN)/python bench/prep.py

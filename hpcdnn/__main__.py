@@ -1,0 +1,5 @@
+import sys
+
+from hpcdnn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,57 @@
+"""`hpcdnn` command line: train, eval, plot.
+
+  hpcdnn train [--config PRESET|FILE.toml] [--resume] [--key=value ...]
+  hpcdnn eval  --run_dir RUN [--ten_crop] [--data DIR]
+  hpcdnn plot  RUN [RUN ...] -o out.png
+Presets live in hpcdnn/configs/ (fashion_small, imagenet_alexnet); every Config field is a --key=value override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from hpcdnn.config import load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="hpcdnn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    t = sub.add_parser("train", help="train a model (topology local); any Config field as --key=value")
+    t.add_argument("--config", help="preset name in hpcdnn/configs or a .toml path")
+    t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.h5")
+    t.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+    e = sub.add_parser("eval", help="top-1/top-5 of a run's checkpoint (centre crop, optionally 10-crop)")
+    e.add_argument("--run_dir", "--run-dir", required=True)
+    e.add_argument("--ten_crop", "--ten-crop", action="store_true")
+    e.add_argument("--data", help="evaluate on another data-prep directory")
+    e.add_argument("--split", help="split to evaluate (default: the run's validation split)")
+    p = sub.add_parser("plot", help="loss and accuracy curves of one or more runs")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("-o", "--out", default="runs.png")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if args.command == "train":
+            cfg = load_config(args.config, rest)
+            if args.show_config:
+                print(cfg.to_toml(), end="")
+                return 0
+            from hpcdnn.train import train
+
+            train(cfg, resume=args.resume)
+        elif rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        elif args.command == "eval":
+            from hpcdnn.evaluate import evaluate_run
+
+            print(json.dumps(evaluate_run(args.run_dir, ten_crop=args.ten_crop, data=args.data, split=args.split), indent=1))
+        elif args.command == "plot":
+            from hpcdnn.plot import plot_runs
+
+            print(f"hpcdnn: wrote {plot_runs(args.runs, args.out)}")
+        return 0
+    except (ValueError, FileNotFoundError) as err:
+        print(f"hpcdnn: error: {err}", file=sys.stderr)
+        return 2

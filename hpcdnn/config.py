@@ -1,0 +1,150 @@
+"""Run configuration: one typed dataclass, TOML presets (hpcdnn/configs/*.toml) and checked --key=value overrides.
+
+    cfg = load_config("fashion_small", ["--epochs=3", "--lr", "0.02"])
+Unknown keys and badly typed values are rejected with the list of valid keys / the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+PRESETS = Path(__file__).parent / "configs"
+
+
+@dataclass
+class Config:
+    """Everything a training run needs; every field is settable from a preset or the command line."""
+
+    # data and model
+    data: str = "data/fashion-mnist"  # data-prep output directory (holds manifest.json)
+    val_split: str = "auto"  # split to evaluate on: auto = val if present, else test
+    model: str = "auto"  # alexnet | alexnet_small | auto (alexnet for >= 200 px images, else alexnet_small)
+    crop: int = 0  # training crop side; 0 = 227 for alexnet (the paper's 224 + its padding), the image side for small nets
+    pad: int = 0  # zero-pad (after mean subtraction) for random crops of small images
+    flip: bool = True  # random horizontal flips
+    pca_std: float = 0.1  # AlexNet's PCA lighting: sigma of the per-eigenvector alpha (0 disables)
+    # optimisation (AlexNet paper defaults)
+    optimizer: str = "sgd"  # sgd (momentum, weight decay) | adagrad
+    lr: float = 0.01  # initial learning rate
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # L2 penalty added to the gradient
+    adagrad_eps: float = 1e-10  # Adagrad epsilon in lr / (sqrt(sum g^2) + eps)
+    batch_size: int = 128  # per replica
+    epochs: int = 90  # passes over the training split
+    lr_schedule: str = "plateau"  # plateau (divide by lr_factor when val top-1 stalls) | step | cosine | constant
+    lr_factor: float = 0.1  # multiplier applied by plateau/step schedules
+    lr_step_epochs: int = 30  # step schedule: multiply by lr_factor every this many epochs
+    plateau_patience: int = 1  # plateau schedule: epochs without improvement before the lr drops
+    warmup_epochs: int = 0  # linear lr warm-up from lr/10 (0 = none)
+    # runtime
+    topology: str = "local"  # local (one process); distributed topologies come with the MPI driver
+    device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
+    threads: int = 0  # torch intra-op threads; 0 = the CPUs of this process
+    seed: int = 0  # seeds the model init, the sample order and the augmentation
+    run_dir: str = "runs/default"  # config, metrics.jsonl, summary.json, checkpoints, plots
+    log_every: int = 50  # steps between metrics lines
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch only
+    eval_ten_crop: bool = False  # final evaluation also with AlexNet's 10-crop (slower)
+    max_steps: int = 0  # stop after this many steps in total (0 = no limit; for tests and smoke runs)
+
+    def validate(self) -> None:
+        """Reject values no run could use, naming the key and the fix."""
+        choices = {
+            "optimizer": ("sgd", "adagrad"),
+            "lr_schedule": ("plateau", "step", "cosine", "constant"),
+            "topology": ("local",),
+            "model": ("auto", "alexnet", "alexnet_small"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"--{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        for key in ("lr", "batch_size", "epochs", "lr_factor", "log_every"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"--{key}={getattr(self, key)!r} must be positive")
+        for key in ("momentum", "weight_decay", "pca_std", "crop", "pad", "threads", "checkpoint_every", "max_steps", "warmup_epochs"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"--{key}={getattr(self, key)!r} must be >= 0")
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML (what the run directory keeps)."""
+        lines = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            lines.append(f"{f.name} = {_toml_value(v)}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def _coerce(key: str, raw, typ: str):
+    """Convert an override or TOML value to the field's type, or raise naming the key and the expected type."""
+    try:
+        if typ == "bool":
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(raw).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ == "int":
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(raw)
+        if typ == "float":
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"--{key}={raw!r}: expected {typ}") from None
+
+
+def apply(cfg: Config, values: dict, where: str) -> Config:
+    """Set `values` on a copy of `cfg`, type-checked; unknown keys raise listing the valid ones."""
+    known = {f.name: f.type for f in fields(Config)}
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+    return dataclasses.replace(cfg, **{k: _coerce(k, v, known[k]) for k, v in values.items()})
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """['--a=1', '--b', '2'] -> {'a': '1', 'b': '2'} (dashes in keys become underscores)."""
+    out, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}; overrides look like --key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ValueError(f"--{key} needs a value (--{key}=VALUE)")
+            i, value = i + 1, args[i + 1]
+        out[key.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def load_config(preset: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then a preset (a name in hpcdnn/configs or a .toml path), then command-line overrides; validated."""
+    cfg = Config()
+    if preset:
+        path = Path(preset) if preset.endswith(".toml") else PRESETS / f"{preset}.toml"
+        if not path.is_file():
+            names = sorted(p.stem for p in PRESETS.glob("*.toml"))
+            raise ValueError(f"config {preset!r} not found; presets: {', '.join(names)} (or give a path to a .toml file)")
+        with open(path, "rb") as f:
+            cfg = apply(cfg, tomllib.load(f), str(path))
+    cfg = apply(cfg, parse_overrides(overrides or []), "command line")
+    cfg.validate()
+    return cfg

@@ -1,0 +1,84 @@
+"""The local trainer end to end on tiny real shards: learns, resumes bitwise, evaluates, plots."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import prep
+from fakes import make_idx_dataset
+
+from hpcdnn import checkpoint as ck
+from hpcdnn.cli import main as hpcdnn
+from hpcdnn.config import load_config
+from hpcdnn.train import train
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """120 + 40 Fashion-MNIST-shaped IDX samples as shards."""
+    d = tmp_path_factory.mktemp("tiny")
+    make_idx_dataset(d / "idx", n_train=120, n_test=40, seed=3)
+    assert prep("idx", "--dir", d / "idx", "--out", d / "data", "--shard-size", "50") == 0
+    return d / "data"
+
+
+def config(data, run_dir, *extra):
+    base = [f"--data={data}", f"--run_dir={run_dir}", "--batch_size=16", "--epochs=2", "--log_every=2", "--threads=1", "--lr=0.02"]
+    return load_config("fashion_small", [*base, *extra])
+
+
+def test_resumed_run_equals_uninterrupted_bitwise(tiny, tmp_path):
+    train(config(tiny, tmp_path / "a"))
+    a = ck.load(tmp_path / "a" / ck.LATEST)
+    assert a.step == 2 * (120 // 16)
+
+    train(config(tiny, tmp_path / "b", "--max_steps=5"))  # stops mid-epoch 0
+    assert ck.load(tmp_path / "b" / ck.LATEST).step == 5
+    train(config(tiny, tmp_path / "b"), resume=True)
+    b = ck.load(tmp_path / "b" / ck.LATEST)
+    assert b.step == a.step
+    np.testing.assert_array_equal(b.params, a.params)  # bitwise
+    np.testing.assert_array_equal(b.optim["momentum_buffer"], a.optim["momentum_buffer"])
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == sorted(set(steps)), "metrics of the resumed run continue without duplicates"
+
+
+def test_run_directory_contents_and_summary(tiny, tmp_path):
+    run = tmp_path / "run"
+    summary = train(config(tiny, run, "--optimizer=adagrad", "--lr=0.01", "--eval_ten_crop=true"))
+    for key in ("topology", "model", "epochs", "steps", "images_per_s", "train_time_s", "val_top1", "val_top5"):
+        assert key in summary
+    assert summary["model"] == "alexnet_small" and summary["topology"] == "local"
+    assert 0.0 <= summary["val_top1"] <= summary["val_top5"] <= 1.0
+    assert "val_top1_10crop" in summary
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert (run / "config.toml").read_text().startswith("data = ")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_top1" in r for r in records) and any("images_per_s" in r for r in records)
+
+
+def test_resume_refuses_changed_settings(tiny, tmp_path, capsys):
+    train(config(tiny, tmp_path / "r", "--max_steps=2"))
+    args = [
+        "train",
+        "--config",
+        "fashion_small",
+        f"--data={tiny}",
+        f"--run_dir={tmp_path / 'r'}",
+        "--batch_size=16",
+        "--lr=0.5",
+        "--resume",
+    ]
+    assert hpcdnn(args) == 2
+    assert "lr: 0.02 -> 0.5" in capsys.readouterr().err
+
+
+def test_eval_and_plot_commands(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(config(tiny, run, "--max_steps=4"))
+    capsys.readouterr()
+    assert hpcdnn(["eval", "--run_dir", str(run), "--ten_crop"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["count"] == 40 and {"top1", "top5", "top1_10crop", "top5_10crop"} <= set(result)
+    assert hpcdnn(["plot", str(run), str(run), "-o", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
