@@ -101,7 +101,7 @@ def train(cfg: Config, resume: bool = False, is_root: bool = True) -> dict:
         last_val = saved.state.get("last_val", {})
     if is_root:
         write_bytes(run_dir / "config.toml", cfg.to_toml().encode())
-        print(f"hpcdnn: {model_name} ({flat.numel:,} parameters) on {device}, {manifest['splits']['train']['count']} training images, "
+        print(f"hpcdnn: {model_name} ({flat.param_count:,} parameters) on {device}, {manifest['splits']['train']['count']} training images, "
               f"{steps_per_epoch} steps/epoch, {'resuming at step ' + str(step) if saved else 'starting'} → {total} steps")  # fmt: skip
     log = MetricsLog(run_dir, enabled=is_root, resume_step=step if saved else None)
 
@@ -109,7 +109,7 @@ def train(cfg: Config, resume: bool = False, is_root: bool = True) -> dict:
         if is_root:
             state = {"optimizer_steps": opt.steps, "schedule": sched.state(), "elapsed": elapsed, "last_val": last_val, "model": model_name}
             ckpt = ck.Checkpoint(
-                flat.to_numpy().copy(), opt.state_arrays(), step, next_epoch, next_batch, cfg.to_toml(), state, ck.capture_rng()
+                flat.state_dict_flat().cpu().numpy(), opt.state_arrays(), step, next_epoch, next_batch, cfg.to_toml(), state, ck.capture_rng()
             )
             ck.save(run_dir / ck.LATEST, ckpt)
 
@@ -167,7 +167,7 @@ def train(cfg: Config, resume: bool = False, is_root: bool = True) -> dict:
     summary = {
         "topology": cfg.topology,
         "model": model_name,
-        "parameters": flat.numel,
+        "parameters": flat.param_count,
         "device": str(device),
         "epochs": round(step / steps_per_epoch, 3),
         "steps": step,
