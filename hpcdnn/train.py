@@ -109,7 +109,14 @@ def train(cfg: Config, resume: bool = False, is_root: bool = True) -> dict:
         if is_root:
             state = {"optimizer_steps": opt.steps, "schedule": sched.state(), "elapsed": elapsed, "last_val": last_val, "model": model_name}
             ckpt = ck.Checkpoint(
-                flat.state_dict_flat().cpu().numpy(), opt.state_arrays(), step, next_epoch, next_batch, cfg.to_toml(), state, ck.capture_rng()
+                flat.state_dict_flat().cpu().numpy(),
+                opt.state_arrays(),
+                step,
+                next_epoch,
+                next_batch,
+                cfg.to_toml(),
+                state,
+                ck.capture_rng(),
             )
             ck.save(run_dir / ck.LATEST, ckpt)
 

@@ -49,6 +49,18 @@ def shard_bytes(out: Path) -> dict[str, bytes]:
     return {n: (out / n).read_bytes() for n in names}
 
 
+def read_split(out: Path, manifest: dict, split: str) -> dict:
+    """{key: (label, image)} over every shard of a split, read back through the shared schema."""
+    from hpcdnn.data.schema import ShardReader
+
+    got = {}
+    for s in manifest["splits"][split]["shards"]:
+        with ShardReader(out / s["file"]) as r:
+            for i in range(len(r)):
+                got[r.keys[i]] = (int(r.labels[i]), r.image(i))
+    return got
+
+
 @pytest.fixture(scope="session")
 def imagenet2012(tmp_path_factory):
     """A fake ILSVRC-2012 tree with devkit (real JPEGs), shared read-only by the tests."""

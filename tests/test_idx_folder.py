@@ -4,21 +4,12 @@ import gzip
 
 import numpy as np
 import pytest
-from conftest import FASHION, prep
+from conftest import FASHION, prep, read_split
 from fakes import make_folder_tree, make_idx_dataset, write_idx
 
 from data_prep.manifest import verify
 from data_prep.sources.idx import read_idx
 from hpcdnn.data.schema import ShardReader, load_manifest
-
-
-def by_key(out, m, split):
-    got = {}
-    for s in m["splits"][split]["shards"]:
-        with ShardReader(out / s["file"]) as r:
-            for i in range(len(r)):
-                got[r.keys[i]] = (int(r.labels[i]), r.image(i))
-    return got
 
 
 @pytest.mark.skipif(not FASHION.is_dir(), reason="apt-get install dataset-fashion-mnist (CI installs it)")
@@ -54,7 +45,7 @@ def test_generated_idx_plain_and_gzipped(tmp_path, gz):
     assert prep("idx", "--dir", tmp_path / "in", "--out", out, "--shard-size", "8") == 0
     m = load_manifest(out)
     assert m["source"] == "idx" and [c["name"] for c in m["classes"]] == [str(i) for i in range(10)]
-    train = by_key(out, m, "train")
+    train = read_split(out, m, "train")
     for key, (label, image) in train.items():
         i = int(key.rsplit("[", 1)[1][:-1])
         assert label == data["train_labels"][i]
@@ -81,9 +72,9 @@ def test_folder_tree_with_val(tmp_path):
     assert prep("folder", "--train", tmp_path / "train", "--val", tmp_path / "val", "--out", out, "--size", "20") == 0
     m = load_manifest(out)
     assert [c["name"] for c in m["classes"]] == ["cat", "dog", "fish"]
-    got = by_key(out, m, "train")
+    got = read_split(out, m, "train")
     assert {k: lab for k, (lab, _) in got.items()} == {k: ["cat", "dog", "fish"].index(c) for k, c in train["files"].items()}
-    assert {lab for lab, _ in by_key(out, m, "val").values()} == {1, 2}
+    assert {lab for lab, _ in read_split(out, m, "val").values()} == {1, 2}
 
 
 def test_folder_val_class_not_in_train_refused(tmp_path, capsys):

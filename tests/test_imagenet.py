@@ -6,21 +6,11 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import prep
+from conftest import prep, read_split
 from fakes import INVALID_BAD_KINDS, VALID_BAD_KINDS, make_bad_inputs, make_imagenet_2010
 
 from data_prep.manifest import verify
-from hpcdnn.data.schema import ShardReader, load_manifest
-
-
-def read_split(out, manifest, split):
-    """{key: (label, image)} over every shard of a split."""
-    got = {}
-    for s in manifest["splits"][split]["shards"]:
-        with ShardReader(out / s["file"]) as r:
-            for i in range(len(r)):
-                got[r.keys[i]] = (int(r.labels[i]), r.image(i))
-    return got
+from hpcdnn.data.schema import load_manifest
 
 
 def test_ilsvrc2012_labels_and_manifest_contract(imagenet2012, tmp_path):
