@@ -103,16 +103,17 @@ def prepare(args: argparse.Namespace, comm) -> int:
     source = SOURCES[args.command].open_source(args)
     settings = Settings(args.encoding, args.compression, args.shard_size, args.seed, source.image_shape[0], args.max_pixels, args.resample)
     args.out.mkdir(parents=True, exist_ok=True)
+    plan = make_plan(source, settings)
     if rank == 0:
         for note in source.notes:
             print(f"data-prep: note: {note}", file=sys.stderr)
-        check_plan(args.out, make_plan(source, settings))
+        check_plan(args.out, plan)
     if comm:
         comm.Barrier()
     local = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", os.environ.get("MPI_LOCALNRANKS", size)))
     threads = args.threads or default_threads(local)
     t0 = time.perf_counter()
-    mine = run(source, args.out, settings, worker=task * size + rank, workers=tasks * size, threads=threads, show=rank == 0)
+    mine = run(source, plan, args.out, settings, worker=task * size + rank, workers=tasks * size, threads=threads, show=rank == 0)
     totals = comm.gather(mine) if comm else [mine]
     if rank != 0:
         return 0

@@ -204,11 +204,10 @@ def write_shard(
     return record
 
 
-def run(source: Source, out: Path, settings: Settings, *, worker: int, workers: int, threads: int, show: bool) -> dict:
-    """Write this worker's shards (g mod workers == worker), skipping finished ones. Returns counts for the summary."""
+def run(source: Source, plan: dict, out: Path, settings: Settings, *, worker: int, workers: int, threads: int, show: bool) -> dict:
+    """Write this worker's shards of `plan` (g mod workers == worker), skipping finished ones. Returns counts for the summary."""
     opts = Options(size=settings.size, max_pixels=settings.max_pixels, resample=settings.resample)
     schema = ShardSchema(tuple(source.image_shape), settings.encoding, settings.compression)
-    plan = make_plan(source, settings)
     jobs, g = [], 0
     for split in plan["splits"]:
         for k, items in enumerate(shard_items(source, split, settings)):
