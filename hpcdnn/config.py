@@ -40,7 +40,7 @@ class Config:
     plateau_patience: int = 1  # plateau schedule: epochs without improvement before the lr drops
     warmup_epochs: int = 0  # linear lr warm-up from lr/10 (0 = none)
     # runtime
-    topology: str = "local"  # local (one process); distributed topologies come with the MPI driver
+    topology: str = "local"  # local (one process) | downpour | allreduce | sandblaster (these run under mpirun)
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 = the CPUs of this process
     seed: int = 0  # seeds the model init, the sample order and the augmentation
@@ -49,22 +49,46 @@ class Config:
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch only
     eval_ten_crop: bool = False  # final evaluation also with AlexNet's 10-crop (slower)
     max_steps: int = 0  # stop after this many steps in total (0 = no limit; for tests and smoke runs)
+    # distributed runs: mpirun -n N python -m mpi4py -m hpcdnn train --topology=...
+    servers: int = 1  # downpour: parameter-server ranks, each owning one shard of the flat parameter vector
+    placement: str = "first"  # which ranks serve: first (ranks 0..servers-1) | last | env (HPCDNN_ROLE=server|worker per rank)
+    n_fetch: int = 1  # downpour: a worker fetches the parameters every n_fetch steps
+    n_push: int = 1  # downpour: a worker pushes its accumulated gradient every n_push steps
+    warmstart_steps: int = 0  # downpour: worker 0 trains alone this many steps before the others fetch and start
+    max_staleness: int = 0  # downpour: pushes older than this many server updates are dropped or scaled (0 = unbounded)
+    staleness_policy: str = "drop"  # downpour, with max_staleness: drop the push | scale it by 1/staleness
+    atomic_fetch: bool = True  # downpour: fetch with MPI_Get_accumulate(NO_OP) (atomic per element, as MPI requires) or plain Get
+    bucket_mb: float = 25.0  # allreduce: gradient bucket size in MiB (DDP's default)
 
     def validate(self) -> None:
         """Reject values no run could use, naming the key and the fix."""
         choices = {
             "optimizer": ("sgd", "adagrad"),
             "lr_schedule": ("plateau", "step", "cosine", "constant"),
-            "topology": ("local",),
+            "topology": ("local", "downpour", "allreduce", "sandblaster"),
+            "placement": ("first", "last", "env"),
+            "staleness_policy": ("drop", "scale"),
             "model": ("auto", "alexnet", "alexnet_small"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"--{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        for key in ("lr", "batch_size", "epochs", "lr_factor", "log_every"):
+        for key in ("lr", "batch_size", "epochs", "lr_factor", "log_every", "servers", "n_fetch", "n_push", "bucket_mb"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"--{key}={getattr(self, key)!r} must be positive")
-        for key in ("momentum", "weight_decay", "pca_std", "crop", "pad", "threads", "checkpoint_every", "max_steps", "warmup_epochs"):
+        for key in (
+            "momentum",
+            "weight_decay",
+            "pca_std",
+            "crop",
+            "pad",
+            "threads",
+            "checkpoint_every",
+            "max_steps",
+            "warmup_epochs",
+            "warmstart_steps",
+            "max_staleness",
+        ):
             if getattr(self, key) < 0:
                 raise ValueError(f"--{key}={getattr(self, key)!r} must be >= 0")
 

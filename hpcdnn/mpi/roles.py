@@ -1,0 +1,104 @@
+"""Split the job's communicator once into a parameter-server group and a worker group, and size each rank's threads.
+
+    roles = split_roles(MPI.COMM_WORLD, servers=2, placement="first")   # ranks 0, 1 serve; the rest are workers
+    roles = split_roles(comm, servers=0)                                  # allreduce / sandblaster: every rank works
+
+Placement is a config choice: `first` (ranks 0..P-1 serve), `last`, or `env`, where every rank reads HPCDNN_ROLE
+(server|worker) from its environment, so a Slurm heterogeneous job can put servers on CPU nodes and workers on GPU
+nodes (set the variable per component). Only the driver passes COMM_WORLD; everything here takes `comm`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+ROLE_ENV = "HPCDNN_ROLE"
+
+
+@dataclass
+class Roles:
+    """This rank's role, its group communicator, and where everyone else is (ranks of `comm`)."""
+
+    comm: object  # the communicator that was split (every window and teardown uses it)
+    group: object  # servers-only or workers-only communicator containing this rank
+    role: str  # "server" or "worker"
+    servers: list[int]  # ranks of `comm` that serve, in shard order
+    workers: list[int]  # ranks of `comm` that train, in worker order
+
+    @property
+    def is_server(self) -> bool:
+        return self.role == "server"
+
+    @property
+    def index(self) -> int:
+        """Shard index for a server, replica index for a worker."""
+        return self.group.Get_rank()
+
+    @property
+    def root(self) -> int:
+        """The rank that logs, evaluates and writes checkpoints: the first worker."""
+        return self.workers[0]
+
+    @property
+    def is_root(self) -> bool:
+        return self.comm.Get_rank() == self.root
+
+    def free(self) -> None:
+        self.group.Free()
+
+
+def _role_from_env(env, rank: int) -> str:
+    value = env.get(ROLE_ENV, "").strip().lower()
+    if value not in ("server", "worker"):
+        raise ValueError(
+            f"--placement=env but rank {rank} has {ROLE_ENV}={env.get(ROLE_ENV)!r}; export {ROLE_ENV}=server or "
+            f"{ROLE_ENV}=worker for each rank (mpirun -x {ROLE_ENV}=... per MPMD block, or per Slurm hetjob component)"
+        )
+    return value
+
+
+def split_roles(comm, servers: int, placement: str = "first", env=None) -> Roles:
+    """Decide every rank's role (collective over `comm`) and split `comm` into the two groups."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    if placement == "env":
+        mine = _role_from_env(os.environ if env is None else env, rank)
+        roles = comm.allgather(mine)
+    elif placement in ("first", "last"):
+        if not 0 <= servers < size:
+            raise ValueError(
+                f"--servers={servers} leaves no worker among {size} rank(s): launch with mpirun -n {servers + 1} or more, "
+                f"or lower --servers"
+            )
+        serving = range(servers) if placement == "first" else range(size - servers, size)
+        roles = ["server" if r in serving else "worker" for r in range(size)]
+    else:
+        raise ValueError(f"--placement={placement!r} is not one of first, last, env")
+    server_ranks = [r for r, x in enumerate(roles) if x == "server"]
+    worker_ranks = [r for r, x in enumerate(roles) if x == "worker"]
+    if not worker_ranks:
+        raise ValueError(f"every one of the {size} ranks is a server: {ROLE_ENV}=worker must be set on at least one rank")
+    group = comm.Split(0 if roles[rank] == "server" else 1, rank)
+    return Roles(comm, group, roles[rank], server_ranks, worker_ranks)
+
+
+def threads_per_rank(comm, busy_here: int | None = None) -> int:
+    """CPUs of this node divided among the ranks on it that compute (ranks x threads <= cores, or throughput halves).
+
+    `busy_here` is the number of computing ranks on this node (default: every rank of `comm` on this node).
+    """
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local = node.Get_size() if busy_here is None else busy_here
+    node.Free()
+    return max(1, len(os.sched_getaffinity(0)) // max(1, local))
+
+
+def set_threads(threads: int) -> None:
+    """Use `threads` in torch and in Numba's parallel kernels (they share one OpenMP runtime: set both, torch last)."""
+    import numba
+    import torch
+
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    torch.set_num_threads(threads)

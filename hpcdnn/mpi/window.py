@@ -1,0 +1,134 @@
+"""One small class per RMA window: a typed array exposed by every rank of `comm` (possibly empty), passive target only.
+
+    w = Window(n_local, np.float32, comm=comm)      # collective: every rank allocates its own part
+    w.get_atomic(out, target=0, offset=128)         # MPI_Get_accumulate(NO_OP) under a shared lock
+    w.accumulate(delta, target=0, offset=128)       # element-wise atomic MPI_SUM
+    old = w.fetch_and_op(1, target=0, index=3)      # counters
+    w.free()                                        # collective; any use afterwards raises
+
+Memory comes from `MPI.Win.Allocate` (on one node it is shared memory: ~20x faster here than `Win.Create`).
+Every operation is one short epoch: shared lock -> operation -> unlock, so the data has reached the target (or
+the origin buffer) when the call returns, no rank ever holds a lock across compute, and nobody takes an exclusive
+lock. Offsets are in elements. Large transfers are cut into pieces below MPI's 2^31-element count limit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from mpi4py import MPI
+
+CHUNK = 1 << 28  # elements per MPI call (counts are C ints)
+
+
+class Window:
+    """`local` is this rank's part (a numpy view of the window memory); other ranks' parts are reached by RMA."""
+
+    def __init__(self, count: int, dtype, *, comm) -> None:
+        self.dtype = np.dtype(dtype)
+        self.comm = comm
+        self.mpi_type = MPI._typedict[self.dtype.char]
+        self._win = MPI.Win.Allocate(int(count) * self.dtype.itemsize, self.dtype.itemsize, comm=comm)
+        self.local = np.frombuffer(self._win.tomemory(), dtype=self.dtype, count=int(count)) if count else np.empty(0, self.dtype)
+        self.local[:] = 0
+        self.counts = comm.allgather(int(count))  # each rank's part, to check offsets before MPI sees them
+        comm.Barrier()  # everyone's part is zeroed before anyone reads it
+
+    # -- bookkeeping
+    @property
+    def win(self) -> MPI.Win:
+        if self._win is None:
+            raise RuntimeError("this RMA window was freed; create a new Window")
+        return self._win
+
+    def _check(self, target: int, offset: int, n: int) -> None:
+        if not 0 <= target < len(self.counts):
+            raise ValueError(f"target rank {target} is outside the window's communicator of {len(self.counts)} ranks")
+        if offset < 0 or offset + n > self.counts[target]:
+            raise ValueError(f"elements [{offset}, {offset + n}) are outside rank {target}'s part of {self.counts[target]} elements")
+
+    def _pieces(self, n: int):
+        for start in range(0, n, CHUNK):
+            yield start, min(n, start + CHUNK)
+
+    def _buf(self, array: np.ndarray, lo: int, hi: int):
+        return [array[lo:hi], hi - lo, self.mpi_type]
+
+    # -- bulk transfers (one lock epoch each)
+    def put(self, array: np.ndarray, target: int, offset: int = 0) -> None:
+        """Overwrite target's elements [offset, offset+len) (not atomic against concurrent accumulates)."""
+        self._check(target, offset, array.size)
+        w = self.win
+        w.Lock(target, MPI.LOCK_SHARED)
+        for lo, hi in self._pieces(array.size):
+            w.Put(self._buf(array, lo, hi), target, [offset + lo, hi - lo, self.mpi_type])
+        w.Unlock(target)
+
+    def get(self, out: np.ndarray, target: int, offset: int = 0) -> None:
+        """Plain MPI_Get into `out`: fastest; per-element atomicity against accumulates is not guaranteed by MPI."""
+        self._check(target, offset, out.size)
+        w = self.win
+        w.Lock(target, MPI.LOCK_SHARED)
+        for lo, hi in self._pieces(out.size):
+            w.Get(self._buf(out, lo, hi), target, [offset + lo, hi - lo, self.mpi_type])
+        w.Unlock(target)
+
+    def get_atomic(self, out: np.ndarray, target: int, offset: int = 0) -> None:
+        """MPI_Get_accumulate with NO_OP (the origin is ignored): each element is read atomically against concurrent accumulates."""
+        self._check(target, offset, out.size)
+        w = self.win
+        w.Lock(target, MPI.LOCK_SHARED)
+        for lo, hi in self._pieces(out.size):
+            w.Get_accumulate(self._buf(out, lo, hi), self._buf(out, lo, hi), target, [offset + lo, hi - lo, self.mpi_type], op=MPI.NO_OP)
+        w.Unlock(target)
+
+    def accumulate(self, array: np.ndarray, target: int, offset: int = 0, op=MPI.SUM) -> None:
+        """Element-wise atomic target[offset+i] = op(target[offset+i], array[i]); concurrent accumulates never lose one."""
+        self._check(target, offset, array.size)
+        w = self.win
+        w.Lock(target, MPI.LOCK_SHARED)
+        for lo, hi in self._pieces(array.size):
+            w.Accumulate(self._buf(array, lo, hi), target, [offset + lo, hi - lo, self.mpi_type], op=op)
+        w.Unlock(target)
+
+    def get_accumulate(self, array: np.ndarray, out: np.ndarray, target: int, offset: int = 0, op=MPI.SUM) -> None:
+        """Atomically out[i] = target[offset+i]; target[offset+i] = op(target[offset+i], array[i])."""
+        self._check(target, offset, array.size)
+        w = self.win
+        w.Lock(target, MPI.LOCK_SHARED)
+        for lo, hi in self._pieces(array.size):
+            w.Get_accumulate(self._buf(array, lo, hi), self._buf(out, lo, hi), target, [offset + lo, hi - lo, self.mpi_type], op=op)
+        w.Unlock(target)
+
+    # -- single elements (counters and flags)
+    def fetch_and_op(self, value, target: int, index: int, op=MPI.SUM):
+        """Atomically return target[index] and apply `op` with `value` (MPI.NO_OP reads, MPI.REPLACE writes)."""
+        self._check(target, index, 1)
+        w = self.win
+        origin, result = np.array([value], self.dtype), np.empty(1, self.dtype)
+        w.Lock(target, MPI.LOCK_SHARED)
+        w.Fetch_and_op(origin, result, target, index, op=op)
+        w.Unlock(target)
+        return result[0].item()
+
+    def compare_and_swap(self, expected, value, target: int, index: int):
+        """Atomically set target[index] = value if it equals `expected`; returns the old value (== expected on success)."""
+        self._check(target, index, 1)
+        w = self.win
+        origin, compare, result = np.array([value], self.dtype), np.array([expected], self.dtype), np.empty(1, self.dtype)
+        w.Lock(target, MPI.LOCK_SHARED)
+        w.Compare_and_swap(origin, compare, result, target, index)
+        w.Unlock(target)
+        return result[0].item()
+
+    def read(self, target: int, index: int = 0, count: int = 1) -> np.ndarray:
+        """A few elements read atomically (Get_accumulate NO_OP): counters another rank may be updating."""
+        out = np.empty(count, self.dtype)
+        self.get_atomic(out, target, index)
+        return out
+
+    def free(self) -> None:
+        """Collective over `comm`. The `local` view dies with the memory."""
+        if self._win is not None:
+            self.local = None
+            self._win.Free()
+            self._win = None
