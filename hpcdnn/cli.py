@@ -1,6 +1,7 @@
 """`hpcdnn` command line: train, eval, plot.
 
   hpcdnn train [--config PRESET|FILE.toml] [--resume] [--key=value ...]
+  mpirun -n N python -m mpi4py -m hpcdnn train --topology=downpour|allreduce|sandblaster [...]
   hpcdnn eval  --run_dir RUN [--ten_crop] [--data DIR]
   hpcdnn plot  RUN [RUN ...] -o out.png
 Presets live in hpcdnn/configs/ (fashion_small, imagenet_alexnet); every Config field is a --key=value override.
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+")
     p.add_argument("-o", "--out", default="runs.png")
     args, rest = parser.parse_known_args(argv)
+    comm = None
     try:
         if args.command == "train":
             cfg = load_config(args.config, rest)
@@ -40,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             from hpcdnn.train import train
 
-            train(cfg, resume=args.resume)
+            if cfg.topology != "local":
+                from mpi4py import MPI
+
+                comm = MPI.COMM_WORLD
+            train(cfg, resume=args.resume, comm=comm)
         elif rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         elif args.command == "eval":
@@ -53,5 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hpcdnn: wrote {plot_runs(args.runs, args.out)}")
         return 0
     except (ValueError, FileNotFoundError) as err:
-        print(f"hpcdnn: error: {err}", file=sys.stderr)
+        where = f" (rank {comm.Get_rank()})" if comm is not None and comm.Get_size() > 1 else ""
+        print(f"hpcdnn: error{where}: {err}", file=sys.stderr, flush=True)
+        if where:
+            comm.Abort(2)  # the other ranks may be waiting in a collective or on a window: end the whole job now
         return 2

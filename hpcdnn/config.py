@@ -92,6 +92,12 @@ class Config:
             if getattr(self, key) < 0:
                 raise ValueError(f"--{key}={getattr(self, key)!r} must be >= 0")
 
+        if self.topology == "downpour" and self.lr_schedule == "plateau":
+            raise ValueError(
+                "--topology=downpour with --lr_schedule=plateau: only the root worker evaluates, so the others could not "
+                "follow a plateau schedule; use --lr_schedule=cosine, step or constant"
+            )
+
     def to_toml(self) -> str:
         """The resolved config as TOML (what the run directory keeps)."""
         lines = []

@@ -5,13 +5,21 @@
     hpcdnn train --config imagenet_alexnet --data /scratch/imagenet --run_dir runs/alexnet
     hpcdnn eval --run_dir runs/fm [--ten_crop]
 
-This is the `local` topology (one process). The distributed topologies (Downpour, allreduce, Sandblaster) reuse
-the same pieces: the flat parameter buffer, the loader with rank/world, the update kernels and the bookkeeping.
+    mpirun -n 3 python -m mpi4py -m hpcdnn train --config fashion_small --topology=downpour --servers=1 --optimizer=adagrad
+    mpirun -n 2 python -m mpi4py -m hpcdnn train --config fashion_small --topology=allreduce
+    mpirun -n 3 python -m mpi4py -m hpcdnn train --config fashion_sandblaster --topology=sandblaster
+
+One loop serves the local, allreduce and Downpour topologies (hpcdnn/topology.py: what happens after backward);
+Downpour's server ranks only serve (hpcdnn/mpi/param_server.py); Sandblaster, a batch optimizer, has its own loop.
+SIGUSR1 or SIGTERM (Slurm's --signal=B:USR1@lead, preemption, time limit): every rank finishes its step, the root
+writes a checkpoint and run_dir/preempted.json, and the run exits 0; `--resume` continues it.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from hpcdnn import checkpoint as ck
-from hpcdnn.atomic import write_bytes
+from hpcdnn.atomic import write_bytes, write_json
 from hpcdnn.config import Config, apply
 from hpcdnn.data.loader import ShardLoader
 from hpcdnn.data.schema import load_manifest
@@ -28,10 +36,32 @@ from hpcdnn.evaluate import evaluate
 from hpcdnn.metrics import Bar, MetricsLog, write_summary
 from hpcdnn.models import build_model, default_model
 from hpcdnn.models.flat import FlatParams
-from hpcdnn.optim import FlatOptimizer, Schedule
+from hpcdnn.mpi.roles import set_threads
+from hpcdnn.optim import Schedule
+from hpcdnn.topology import Allreduce, Downpour, Local, restore_servers
 
 # keys that may differ between a run and its resumption (they do not change the trajectory)
-RESUMABLE = {"epochs", "max_steps", "log_every", "checkpoint_every", "eval_ten_crop", "device", "threads", "run_dir"}
+RESUMABLE = {"epochs", "max_steps", "log_every", "checkpoint_every", "eval_ten_crop", "device", "threads", "run_dir", "placement"}
+PREEMPTED = "preempted.json"
+
+
+class StopSignal:
+    """Remembers SIGUSR1/SIGTERM instead of dying, so the loop can stop at a step boundary and checkpoint."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.old = {}
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def close(self) -> None:
+        for s, h in self.old.items():
+            signal.signal(s, h)
 
 
 def pick_device(name: str) -> torch.device:
@@ -63,13 +93,46 @@ def check_resume(cfg: Config, saved: Config) -> None:
         raise ValueError(f"--resume with settings that differ from the checkpoint ({detail}); drop those overrides or use a new --run_dir")
 
 
-def train(cfg: Config, resume: bool = False, is_root: bool = True) -> dict:
-    """Run (or continue) training as `cfg` says; returns the summary (also written to run_dir/summary.json)."""
-    # ---- setup
+def rng_states(topo, roles) -> dict | None:
+    """The RNG state(s) a checkpoint keeps: this process's, or (allreduce) every rank's gathered on the root."""
+    mine = ck.capture_rng()
+    if not isinstance(topo, Allreduce):
+        return mine
+    every = roles.comm.gather(mine, root=roles.root)
+    if every is None:
+        return None
+    return {(f"w{r}_{k}" if r else k): v for r, states in enumerate(every) for k, v in states.items()}
+
+
+def train(cfg: Config, resume: bool = False, comm=None) -> dict:
+    """Run (or continue) training as `cfg` says; returns the summary (also written to run_dir/summary.json).
+
+    `comm` (MPI.COMM_WORLD from the CLI) is required for the distributed topologies and ignored for local.
+    """
+    if cfg.topology == "sandblaster":
+        from hpcdnn.mpi.sandblaster import train_sandblaster
+
+        return train_sandblaster(cfg, resume, comm)
+    # ---- roles, threads, checkpoint, data, model
+    roles = None
+    if cfg.topology != "local":
+        from hpcdnn.mpi.roles import split_roles
+
+        if comm is None:
+            raise ValueError(f"--topology={cfg.topology} runs under MPI: mpirun -n N python -m mpi4py -m hpcdnn train ...")
+        roles = split_roles(comm, cfg.servers if cfg.topology == "downpour" else 0, cfg.placement)
+    is_root, is_server = roles is None or roles.is_root, roles is not None and roles.is_server
+    rank, world = (roles.index, len(roles.workers)) if roles and not is_server else (0, 1)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
-    torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
+    if is_root:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cpu") if is_server else pick_device(cfg.device)
+    threads = cfg.threads
+    if not threads:
+        from hpcdnn.mpi.roles import threads_per_rank
+
+        threads = threads_per_rank(comm, computing=not is_server) if roles else len(os.sched_getaffinity(0))
+    set_threads(threads)
     saved = ck.load(run_dir / ck.LATEST) if resume else None
     if saved:
         import tomllib
@@ -81,11 +144,31 @@ def train(cfg: Config, resume: bool = False, is_root: bool = True) -> dict:
     num_classes, shape = len(manifest["classes"]), tuple(manifest["image_shape"])
     model = build_model(model_name, num_classes, shape, crop).to(device)
     flat = FlatParams(model)
-    opt = FlatOptimizer(cfg.optimizer, flat.data, flat.grad, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eps=cfg.adagrad_eps)
+    if rank:
+        torch.manual_seed(cfg.seed + rank)  # same initial model everywhere, different dropout per replica
+
+    # ---- topology: what happens to a gradient (Downpour's servers serve here until every worker is done)
+    if cfg.topology == "downpour":
+        from hpcdnn.mpi.param_server import ParamServer
+
+        ps = ParamServer(roles, flat.numel, adagrad=cfg.optimizer == "adagrad", atomic_fetch=cfg.atomic_fetch)
+        if is_root:
+            restore_servers(ps, saved) if saved else ps.load(flat.data.detach().cpu().numpy())
+        comm.Barrier()  # the servers hold the starting point before any worker fetches
+        if is_server:
+            ps.serve()
+            ps.free()
+            roles.free()
+            return {}
+        topo = Downpour(cfg, flat, roles, ps)
+    else:
+        topo = Allreduce(cfg, flat, roles) if roles else Local(cfg, flat)
+
     loader_args = dict(crop=crop, pad=cfg.pad, device=device)
     train_data = ShardLoader(
-        cfg.data, "train", cfg.batch_size, seed=cfg.seed, train=True, flip=cfg.flip, pca_std=cfg.pca_std, **loader_args
-    )
+        cfg.data, "train", cfg.batch_size, rank=rank, world=world, seed=cfg.seed, train=True, flip=cfg.flip, pca_std=cfg.pca_std,
+        **loader_args,
+    )  # fmt: skip
     val_data = ShardLoader(cfg.data, val_split, 256, train=False, **loader_args)
     steps_per_epoch = len(train_data)
     total = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
@@ -93,37 +176,41 @@ def train(cfg: Config, resume: bool = False, is_root: bool = True) -> dict:
                      epochs=cfg.epochs, warmup=cfg.warmup_epochs)  # fmt: skip
     step, epoch, batch, elapsed, last_val = 0, 0, 0, 0.0, {}
     if saved:
-        flat.load_flat(saved.params)
-        opt.load_state(saved.optim, saved.state["optimizer_steps"])
+        if not isinstance(topo, Downpour):
+            flat.load_flat(saved.params)
         sched.load(saved.state["schedule"])
-        ck.restore_rng(saved.rng)
+        prefix = f"w{rank}_" if rank and isinstance(topo, Allreduce) else ""
+        ck.restore_rng({k[len(prefix) :]: v for k, v in saved.rng.items() if k.startswith(prefix)})
         step, epoch, batch, elapsed = saved.step, saved.epoch, saved.batch, saved.state["elapsed"]
         last_val = saved.state.get("last_val", {})
+        if isinstance(topo, Downpour) and not is_root:  # each worker continues from its own position
+            from hpcdnn.mpi import param_server as psv
+
+            row = saved.state["ps_counters"][psv.WORKER_BASE + psv.PER_WORKER * rank :][: psv.PER_WORKER]
+            step, epoch, batch = row[psv.STEPS], row[psv.EPOCH], row[psv.BATCH]
+    topo.start(saved)
     if is_root:
         write_bytes(run_dir / "config.toml", cfg.to_toml().encode())
-        print(f"hpcdnn: {model_name} ({flat.param_count:,} parameters) on {device}, {manifest['splits']['train']['count']} training images, "
-              f"{steps_per_epoch} steps/epoch, {'resuming at step ' + str(step) if saved else 'starting'} → {total} steps")  # fmt: skip
+        where = f"{cfg.topology}: {world} worker(s)" + (f", {len(roles.servers)} server(s)" if isinstance(topo, Downpour) else "")
+        print(f"hpcdnn: {model_name} ({flat.param_count:,} parameters) on {device}, {where}, {manifest['splits']['train']['count']} "
+              f"training images, {steps_per_epoch} steps/epoch per worker, {'resuming at step ' + str(step) if saved else 'starting'} "
+              f"→ {total} steps", flush=True)  # fmt: skip
     log = MetricsLog(run_dir, enabled=is_root, resume_step=step if saved else None)
 
     def save_checkpoint(next_epoch: int, next_batch: int) -> None:
+        rng = rng_states(topo, roles)  # collective for allreduce: every rank calls save_checkpoint at the same step
         if is_root:
-            state = {"optimizer_steps": opt.steps, "schedule": sched.state(), "elapsed": elapsed, "last_val": last_val, "model": model_name}
-            ckpt = ck.Checkpoint(
-                flat.state_dict_flat().cpu().numpy(),
-                opt.state_arrays(),
-                step,
-                next_epoch,
-                next_batch,
-                cfg.to_toml(),
-                state,
-                ck.capture_rng(),
-            )
-            ck.save(run_dir / ck.LATEST, ckpt)
+            params, optim, extra = topo.state()
+            state = {"schedule": sched.state(), "elapsed": elapsed, "last_val": last_val, "model": model_name, **extra}
+            ck.save(run_dir / ck.LATEST, ck.Checkpoint(params, optim, step, next_epoch, next_batch, cfg.to_toml(), state, rng))
 
     # ---- the loop: one epoch after another, evaluating and checkpointing at each end
+    stop = StopSignal()
+    stopped = False
     bar = Bar(total, step, enabled=is_root)
     window_t, window_images, window_loss = time.perf_counter(), 0, []
-    while step < total:
+    lr = sched.lr(epoch + batch / steps_per_epoch)
+    while step < total and not stopped:
         model.train()
         t_last = time.perf_counter()  # training time counts waiting for data, not evaluation
         for x, y in train_data.iter_epoch(epoch, start_batch=batch):
@@ -131,46 +218,78 @@ def train(cfg: Config, resume: bool = False, is_root: bool = True) -> dict:
             flat.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
-            opt.step(lr)
+            step, batch = step + 1, batch + 1
+            topo.step(lr, epoch, batch)
+            if torch.get_num_threads() != threads:  # a first parallel Numba kernel resets the shared OpenMP pool
+                torch.set_num_threads(threads)
             now = time.perf_counter()
             elapsed, t_last = elapsed + now - t_last, now
-            step, batch = step + 1, batch + 1
             window_images += len(y)
             window_loss.append(loss.item())
             bar.update(loss=f"{window_loss[-1]:.3f}", lr=f"{lr:.2g}")
             if step % cfg.log_every == 0 or step == total:
                 rate = window_images / (time.perf_counter() - window_t)
+                extra = {k: v for k, v in topo.summary().items() if k in ("pushes_applied", "staleness_mean")} if is_root else {}
                 log.log(step=step, epoch=epoch + batch / steps_per_epoch, time=round(elapsed, 3), loss=float(np.mean(window_loss)), lr=lr,
-                        images_per_s=round(rate, 1))  # fmt: skip
+                        images_per_s=round(rate, 1), **extra)  # fmt: skip
                 window_t, window_images, window_loss = time.perf_counter(), 0, []
+            if topo.stop_requested(stop.received is not None):
+                stopped = True
+                break
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save_checkpoint(epoch, batch)
             if step >= total:
                 break
-        if batch >= steps_per_epoch:  # a full epoch: evaluate, adapt the rate, checkpoint
-            last_val = evaluate(model, val_data)
-            sched.end_epoch(last_val["top1"])
+        if batch >= steps_per_epoch:  # a full epoch: evaluate (root), adapt the rate, checkpoint
+            if is_root:
+                topo.refresh()
+                last_val = evaluate(model, val_data)
+            last_val = topo.share(last_val)
             epoch, batch = epoch + 1, 0
-            log.log(
-                step=step,
-                epoch=epoch,
-                time=round(elapsed, 3),
-                val_top1=last_val["top1"],
-                val_top5=last_val["top5"],
-                val_loss=last_val["loss"],
-            )
+            if is_root or last_val:
+                sched.end_epoch(last_val["top1"])
+                log.log(step=step, epoch=epoch, time=round(elapsed, 3), val_top1=last_val["top1"], val_top5=last_val["top5"],
+                        val_loss=last_val["loss"])  # fmt: skip
             if is_root:
                 print(f"hpcdnn: epoch {epoch}: val top-1 {last_val['top1']:.4f}, top-5 {last_val['top5']:.4f} ({elapsed:.0f} s training)")
             window_t = time.perf_counter()
-        save_checkpoint(epoch, batch)
+        save_checkpoint(epoch, batch)  # Downpour: the root's snapshot of the servers while the others keep pushing
     bar.close()
+    stop.close()
+    topo.finish(lr, epoch, batch)  # Downpour: last push, report done; the root waits for every worker
+    if isinstance(topo, Downpour) and is_root:
+        save_checkpoint(epoch, batch)
 
-    # ---- final evaluation and summary
+    # ---- final evaluation and summary on the root; then the collective teardown
+    summary = {}
+    if stopped:
+        if is_root:
+            write_json(run_dir / PREEMPTED, {"step": step, "signal": stop.received or "peer", "time": time.time()})
+            print(f"hpcdnn: stopped by signal at step {step}; checkpoint in {run_dir}; --resume continues", flush=True)
+        summary = {"preempted": True, "steps": step}
+    elif is_root:
+        summary = finish_run(cfg, model, flat, topo, val_data, loader_args, val_split, model_name, device, step, steps_per_epoch, elapsed)
+        (run_dir / PREEMPTED).unlink(missing_ok=True)
+    log.close()
+    train_data.close()
+    val_data.close()
+    topo.close()
+    if isinstance(topo, Downpour):
+        topo.ps.free()
+    if roles:
+        roles.free()
+    return summary
+
+
+def finish_run(cfg, model, flat, topo, val_data, loader_args, val_split, model_name, device, step, steps_per_epoch, elapsed) -> dict:
+    """The root's final evaluation (centre crop, optionally 10-crop) and summary.json."""
     final = evaluate(model, val_data)
     if cfg.eval_ten_crop:
         ten = ShardLoader(cfg.data, val_split, 64, train=False, ten_crop=True, **loader_args)
         final |= {f"{k}_10crop": v for k, v in evaluate(model, ten).items()}
         ten.close()
+    extra = topo.summary()
+    replicas_steps = sum(extra.get("worker_steps", [])) or step * extra.get("workers", 1)
     summary = {
         "topology": cfg.topology,
         "model": model_name,
@@ -178,21 +297,18 @@ def train(cfg: Config, resume: bool = False, is_root: bool = True) -> dict:
         "device": str(device),
         "epochs": round(step / steps_per_epoch, 3),
         "steps": step,
-        "images_per_s": round(step * cfg.batch_size / max(elapsed, 1e-9), 1),
+        "images_per_s": round(replicas_steps * cfg.batch_size / max(elapsed, 1e-9), 1),
         "train_time_s": round(elapsed, 2),
         "val_split": val_split,
         "val_top1": final["top1"],
         "val_top5": final["top5"],
         "val_loss": final["loss"],
+        **extra,
     }
     if cfg.eval_ten_crop:
         summary.update(val_top1_10crop=final["top1_10crop"], val_top5_10crop=final["top5_10crop"])
-    log.close()
-    if is_root:
-        write_summary(run_dir, summary)
-        print(
-            f"hpcdnn: done: val top-1 {final['top1']:.4f}, top-5 {final['top5']:.4f}; {summary['images_per_s']} img/s; summary in {run_dir}"
-        )
-    train_data.close()
-    val_data.close()
+    write_summary(Path(cfg.run_dir), summary)
+    print(
+        f"hpcdnn: done: val top-1 {final['top1']:.4f}, top-5 {final['top5']:.4f}; {summary['images_per_s']} img/s; summary in {cfg.run_dir}"
+    )
     return summary

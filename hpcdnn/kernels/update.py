@@ -105,6 +105,41 @@ def axpy_kernel(y, x, alpha):
         y[i] = fma32(x[i], alpha, y[i])
 
 
+@kernel(parallel=True)
+def square_kernel(x, out):
+    """out = x * x (the Adagrad increment a Downpour worker accumulates into a server's sum of squares)."""
+    for i in prange(x.size):
+        out[i] = x[i] * x[i]
+
+
+@kernel(parallel=True)
+def scale_kernel(x, alpha, out):
+    """out = alpha * x (a plain-SGD push: -lr * g)."""
+    for i in prange(x.size):
+        out[i] = x[i] * alpha
+
+
+@kernel(parallel=True)
+def momentum_delta_kernel(grad, buf, out, nlr, momentum, first_step):
+    """A Downpour worker's SGD push with momentum kept on the worker: buf as torch SGD updates it, out = -lr * buf."""
+    for i in prange(grad.size):
+        g = grad[i]
+        if momentum != 0:
+            g = g if first_step else fma32(g, np.float32(1.0), buf[i] * momentum)
+            buf[i] = g
+        out[i] = g * nlr
+
+
+@kernel(parallel=True)
+def adagrad_delta_kernel(grad, acc, nclr, eps):
+    """A Downpour worker's Adagrad push: `acc` (a shard's sum of squares before this gradient) becomes the update
+    nclr * g / (sqrt(acc + g^2) + eps), the same expression as `adagrad_kernel` applies to the parameter."""
+    for i in prange(grad.size):
+        g = grad[i]
+        s = fma32(g, g, acc[i])
+        acc[i] = nclr * g / (np.sqrt(s) + eps)
+
+
 # ---- numpy references: the same float32 operations in the same order, one whole-array op at a time ----
 
 

@@ -82,17 +82,18 @@ def split_roles(comm, servers: int, placement: str = "first", env=None) -> Roles
     return Roles(comm, group, roles[rank], server_ranks, worker_ranks)
 
 
-def threads_per_rank(comm, busy_here: int | None = None) -> int:
-    """CPUs of this node divided among the ranks on it that compute (ranks x threads <= cores, or throughput halves).
+def threads_per_rank(comm, computing: bool = True) -> int:
+    """This node's CPUs divided among its ranks that compute (ranks x threads <= cores, or throughput halves).
 
-    `busy_here` is the number of computing ranks on this node (default: every rank of `comm` on this node).
+    Collective over `comm`. Passive ranks (Downpour servers) pass computing=False: they get one thread and
+    do not count against the others.
     """
     from mpi4py import MPI
 
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    local = node.Get_size() if busy_here is None else busy_here
+    busy = node.allreduce(int(computing), op=MPI.SUM)
     node.Free()
-    return max(1, len(os.sched_getaffinity(0)) // max(1, local))
+    return max(1, len(os.sched_getaffinity(0)) // max(1, busy)) if computing else 1
 
 
 def set_threads(threads: int) -> None:

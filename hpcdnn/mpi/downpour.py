@@ -1,0 +1,156 @@
+"""Downpour SGD (Dean et al. 2012): model replicas train asynchronously against the sharded parameter server.
+
+    mpirun -n 4 python -m mpi4py -m hpcdnn train --config fashion_small --topology=downpour --servers=1 \\
+        --optimizer=adagrad --lr=0.05 --n_fetch=1 --n_push=1 --warmstart_steps=100
+
+A worker sums its gradients locally and pushes the sum every `n_push` steps; every `n_fetch` steps it fetches the
+parameters. Pushes apply Adagrad (DistBelief's per-parameter rate lr/sqrt(sum g^2)) or SGD (momentum kept on the
+worker) with atomic RMA accumulates (param_server.py says why the worker computes the update). Each push's staleness
+is the number of updates the servers applied between the worker's last fetch and this push; with `max_staleness`
+a staler push is dropped or scaled by 1/staleness (Petuum SSP's bound; DistBelief had none). Non-finite pushes are
+rejected and counted, never applied. Warmstart: worker 0 trains alone for `warmstart_steps`, then the others fetch
+its parameters and start. Workers never wait for each other; the only waits are the warmstart and the end.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from hpcdnn.kernels import update
+from hpcdnn.models.flat import FlatParams
+from hpcdnn.mpi import param_server as psv
+from hpcdnn.mpi.param_server import ParamServer
+
+
+class DownpourWorker:
+    """The Downpour side of one replica: call `step(lr, epoch, batch)` after every `loss.backward()`."""
+
+    def __init__(self, ps: ParamServer, flat: FlatParams, cfg, worker: int) -> None:
+        self.ps, self.flat, self.cfg, self.worker = ps, flat, cfg, worker
+        self.adagrad = cfg.optimizer == "adagrad"
+        n = flat.numel
+        self.on_cpu = flat.device.type == "cpu"
+        self.host = flat.to_numpy() if self.on_cpu else np.zeros(n, np.float32)  # parameters as last fetched
+        self.acc = np.zeros(n, np.float32) if cfg.n_push > 1 or not self.on_cpu else None  # gradient sum since the last push
+        self.buf = np.zeros(n, np.float32) if not self.adagrad and cfg.momentum else None  # worker-side SGD momentum
+        self.scratch = np.empty(min(n, 1 << 22), np.float32), np.empty(min(n, 1 << 22), np.float32)
+        self.steps = self.sent = self.pending = 0
+        self.first_push, self.version = True, 0
+
+    # ---- the cadence
+    def start(self, resumed: bool) -> None:
+        """Wait for the warmstart (workers other than 0), then fetch the parameters."""
+        if self.worker != 0 and self.cfg.warmstart_steps and not resumed:
+            while not self.ps.counter(psv.WARM):
+                time.sleep(0.02)
+        self.fetch()
+
+    def step(self, lr: float, epoch: int, batch: int) -> None:
+        """After backward: fold the gradient in, push every n_push steps, fetch every n_fetch steps."""
+        self.steps += 1
+        grad = self.flat.to_numpy(grad=True) if self.on_cpu else self.flat.grad.detach().cpu().numpy()
+        if self.acc is None:
+            self.acc_view = grad  # n_push == 1 on CPU: push the gradient buffer itself, no copy
+        else:
+            update.axpy(self.acc, grad, 1.0)
+            self.acc_view = self.acc
+        self.pending += 1
+        if self.steps % self.cfg.n_push == 0:
+            self.push(lr)
+            self.ps.report(self.worker, [self.sent, self.steps, epoch, batch])
+        if self.steps % self.cfg.n_fetch == 0:
+            self.fetch()
+        if self.worker == 0 and self.steps == self.cfg.warmstart_steps:
+            self.ps.set(psv.WARM, 1)
+
+    def finish(self, lr: float, epoch: int, batch: int) -> None:
+        """Push what is left, publish this worker's position and counts, and report done."""
+        if self.pending:
+            self.push(lr)
+        if self.worker == 0:
+            self.ps.set(psv.WARM, 1)  # a run shorter than the warmstart must not strand the others
+        self.ps.report(self.worker, [self.sent, self.steps, epoch, batch])
+        self.ps.add(psv.DONE)
+
+    # ---- communication
+    def fetch(self) -> None:
+        self.version = self.ps.fetch(self.host)
+        if not self.on_cpu:
+            self.flat.data.copy_(torch.from_numpy(self.host))
+
+    def push(self, lr: float) -> None:
+        """Send the accumulated gradient to every shard (or reject it), then start a new sum."""
+        g = self.acc_view
+        self.sent += 1
+        self.pending = 0
+        try:
+            if not update.grad_is_finite(g):
+                self.ps.add(psv.REJ_NONFINITE)
+                return
+            tau = self.ps.counter(psv.APPLIED) - self.version
+            scale, bound = 1.0, self.cfg.max_staleness
+            if bound and tau > bound:
+                if self.cfg.staleness_policy == "drop":
+                    self.ps.add(psv.REJ_STALE)
+                    return
+                scale = 1.0 / tau
+            if self.cfg.weight_decay:
+                update.axpy(g, self.host, self.cfg.weight_decay)  # decay toward the parameters the gradient saw
+            self._apply(g, np.float32(-lr * scale))
+            self.ps.record_push(tau, scale != 1.0)
+        finally:
+            if self.acc is not None:
+                self.acc[:] = 0
+
+    def _apply(self, g: np.ndarray, nlr: np.float32) -> None:
+        """Shard by shard, in bounded pieces: compute the update and accumulate it into the servers' memory."""
+        a, b = self.scratch
+        eps = np.float32(self.cfg.adagrad_eps)
+        for server, lo, hi, off in self.ps.pieces(a.size):
+            n = hi - lo
+            if self.adagrad:
+                update.square_kernel(g[lo:hi], a[:n])
+                self.ps.add_sum_sq(a[:n], b[:n], server, off)  # b = the accumulator before this push
+                update.adagrad_delta_kernel(g[lo:hi], b[:n], nlr, eps)
+            elif self.buf is not None:
+                mom = np.float32(self.cfg.momentum)
+                update.momentum_delta_kernel(g[lo:hi], self.buf[lo:hi], b[:n], nlr, mom, self.first_push)
+            else:
+                update.scale_kernel(g[lo:hi], nlr, b[:n])
+            self.ps.add_params(b[:n], server, off)
+        self.first_push = False
+
+    # ---- stopping and bookkeeping
+    def request_stop(self) -> None:
+        self.ps.set(psv.STOP, 1)
+
+    def stop_requested(self) -> bool:
+        return bool(self.ps.counter(psv.STOP))
+
+
+def ps_summary(ps: ParamServer) -> dict:
+    """Counters for summary.json and the metrics log, read from server 0."""
+    c = ps.counters()
+    w = len(ps.roles.workers)
+    rows = c[psv.WORKER_BASE : psv.WORKER_BASE + psv.PER_WORKER * w].reshape(w, psv.PER_WORKER)
+    applied = int(c[psv.APPLIED])
+    hist = [int(x) for x in c[psv.HIST : psv.HIST + psv.HIST_BINS]]
+    while len(hist) > 1 and hist[-1] == 0:
+        hist.pop()
+    return {
+        "workers": w,
+        "servers": len(ps.roles.servers),
+        "pushes_sent": int(rows[:, psv.SENT].sum()),
+        "pushes_applied": applied,
+        "pushes_rejected": int(c[psv.REJ_NONFINITE] + c[psv.REJ_STALE]),
+        "rejected_nonfinite": int(c[psv.REJ_NONFINITE]),
+        "rejected_stale": int(c[psv.REJ_STALE]),
+        "scaled_stale": int(c[psv.SCALED]),
+        "staleness_mean": round(float(c[psv.STALE_SUM]) / max(applied, 1), 3),
+        "staleness_max": int(c[psv.STALE_MAX]),
+        "staleness_hist": hist,  # bin 0: 0; bin k: [2^(k-1), 2^k)
+        "worker_steps": [int(x) for x in rows[:, psv.STEPS]],
+    }
