@@ -59,6 +59,20 @@ class Config:
     staleness_policy: str = "drop"  # downpour, with max_staleness: drop the push | scale it by 1/staleness
     atomic_fetch: bool = True  # downpour: fetch with MPI_Get_accumulate(NO_OP) (atomic per element, as MPI requires) or plain Get
     bucket_mb: float = 25.0  # allreduce: gradient bucket size in MiB (DDP's default)
+    # sandblaster (L-BFGS; batch_size is the global batch, cut into portions that the ranks claim)
+    sb_history: int = 10  # L-BFGS memory m: (s, y) pairs kept, each vector sharded across the ranks
+    sb_portions: int = 0  # portions per batch; 0 = auto: max(4 x ranks, batch_size / 256)
+    sb_chunk: int = 64  # samples per forward/backward inside a portion; a rank drops a portion finished elsewhere between chunks
+    sb_dynamic: bool = True  # claim portions from the coordinator's counter, with backup tasks; false = static equal split (baseline)
+    sb_backup_after: float = 0.5  # an idle rank re-runs an unfinished portion after waiting this many of its mean portion times
+    sb_line_search: str = "armijo"  # armijo (backtracking to sufficient decrease) | none (fixed step sb_step, torch LBFGS's default)
+    sb_step: float = 1.0  # first trial step of the line search (1 = the quasi-Newton step); the fixed step with sb_line_search=none
+    sb_ls_max: int = 10  # evaluations per line search before the step is rejected and the history dropped
+    sb_batch_iters: int = 4  # L-BFGS iterations on one batch before the next batch is drawn (Ngiam et al. 2011)
+    sb_batch_growth: float = 1.0  # progressive batching: batch_size grows by this factor every epoch, up to the training split
+    sb_dropout: bool = False  # dropout in the objective (masks fixed per batch and portion); off = a deterministic objective
+    slow_rank: int = -1  # straggler simulation (tests, benchmarks): this rank sleeps (slow_factor - 1) x its compute time; -1 = none
+    slow_factor: float = 1.0  # how many times slower slow_rank computes
 
     def validate(self) -> None:
         """Reject values no run could use, naming the key and the fix."""
@@ -69,10 +83,24 @@ class Config:
             "placement": ("first", "last", "env"),
             "staleness_policy": ("drop", "scale"),
             "model": ("auto", "alexnet", "alexnet_small"),
+            "sb_line_search": ("armijo", "none"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"--{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        for key in ("sb_history", "sb_chunk", "sb_step", "sb_ls_max", "sb_batch_iters"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"--{key}={getattr(self, key)!r} must be positive")
+        if self.sb_portions < 0 or self.sb_backup_after < 0:
+            raise ValueError(
+                f"--sb_portions={self.sb_portions} and --sb_backup_after={self.sb_backup_after} must be >= 0 (0 = auto / at once)"
+            )
+        if self.sb_batch_growth < 1 or self.slow_factor < 1:
+            raise ValueError(
+                f"--sb_batch_growth={self.sb_batch_growth} and --slow_factor={self.slow_factor} must be >= 1 (1 = fixed batch / not slowed)"
+            )
+        if self.slow_rank < -1:
+            raise ValueError(f"--slow_rank={self.slow_rank}: give a rank number, or -1 for no straggler")
         for key in ("lr", "batch_size", "epochs", "lr_factor", "log_every", "servers", "n_fetch", "n_push", "bucket_mb"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"--{key}={getattr(self, key)!r} must be positive")
