@@ -305,3 +305,20 @@ if __name__ == "__main__":
             except Exception as exc:  # noqa: BLE001
                 result = f"{type(exc).__name__}: {exc}"
             print(f"  {kind:15s} {p.stat().st_size:7d} B  {result}")
+
+
+def fashion_subset(dir: PathLike, n_train: int, n_test: int, source: PathLike = "/usr/share/datasets/fashion-mnist") -> Path:
+    """The first n_train / n_test real Fashion-MNIST samples as IDX files in ``dir`` (skips the test if not installed)."""
+    import pytest
+
+    from data_prep.sources.idx import read_idx
+
+    src, d = Path(source), Path(dir)
+    if not (src / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"Fashion-MNIST not found in {src}: apt-get install dataset-fashion-mnist")
+    d.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        for kind, tag in (("images", "idx3"), ("labels", "idx1")):
+            name = f"{prefix}-{kind}-{tag}-ubyte.gz"
+            write_idx(d / name, read_idx(src / name)[:n], gz=True)
+    return d

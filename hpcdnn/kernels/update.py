@@ -113,21 +113,25 @@ def square_kernel(x, out):
 
 
 @kernel(parallel=True)
-def scale_kernel(x, alpha, out):
-    """out = alpha * x (a plain-SGD push: -lr * g)."""
-    for i in prange(x.size):
-        out[i] = x[i] * alpha
+def sgd_delta_kernel(param, grad, buf, out, nlr, momentum, weight_decay, first_step):
+    """A Downpour worker's SGD push: out = (param after `sgd_kernel`'s step) - param, param itself unchanged.
 
-
-@kernel(parallel=True)
-def momentum_delta_kernel(grad, buf, out, nlr, momentum, first_step):
-    """A Downpour worker's SGD push with momentum kept on the worker: buf as torch SGD updates it, out = -lr * buf."""
-    for i in prange(grad.size):
+    The worker keeps the momentum buffer. Pushing the difference of the exact local step (not -lr * g) makes the
+    server's param + out round back to the local result whenever the subtraction is exact (Sterbenz: whenever the
+    step is smaller than half the parameter), so one worker reproduces the local trainer bit for bit in practice.
+    """
+    for i in prange(param.size):
         g = grad[i]
+        if weight_decay != 0:
+            g = fma32(param[i], weight_decay, g)
         if momentum != 0:
-            g = g if first_step else fma32(g, np.float32(1.0), buf[i] * momentum)
-            buf[i] = g
-        out[i] = g * nlr
+            if first_step:
+                b = g
+            else:
+                b = fma32(g, np.float32(1.0), buf[i] * momentum)
+            buf[i] = b
+            g = b
+        out[i] = fma32(g, nlr, param[i]) - param[i]
 
 
 @kernel(parallel=True)

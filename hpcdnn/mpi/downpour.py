@@ -5,7 +5,7 @@
 
 A worker sums its gradients locally and pushes the sum every `n_push` steps; every `n_fetch` steps it fetches the
 parameters. Pushes apply Adagrad (DistBelief's per-parameter rate lr/sqrt(sum g^2)) or SGD (momentum kept on the
-worker) with atomic RMA accumulates (param_server.py says why the worker computes the update). Each push's staleness
+worker; the push is the difference the exact local step would make) with atomic RMA accumulates (param_server.py says why the worker computes the update). Each push's staleness
 is the number of updates the servers applied between the worker's last fetch and this push; with `max_staleness`
 a staler push is dropped or scaled by 1/staleness (Petuum SSP's bound; DistBelief had none). Non-finite pushes are
 rejected and counted, never applied. Warmstart: worker 0 trains alone for `warmstart_steps`, then the others fetch
@@ -97,7 +97,7 @@ class DownpourWorker:
                     self.ps.add(psv.REJ_STALE)
                     return
                 scale = 1.0 / tau
-            if self.cfg.weight_decay:
+            if self.adagrad and self.cfg.weight_decay:
                 update.axpy(g, self.host, self.cfg.weight_decay)  # decay toward the parameters the gradient saw
             self._apply(g, np.float32(-lr * scale))
             self.ps.record_push(tau, scale != 1.0)
@@ -115,11 +115,10 @@ class DownpourWorker:
                 update.square_kernel(g[lo:hi], a[:n])
                 self.ps.add_sum_sq(a[:n], b[:n], server, off)  # b = the accumulator before this push
                 update.adagrad_delta_kernel(g[lo:hi], b[:n], nlr, eps)
-            elif self.buf is not None:
-                mom = np.float32(self.cfg.momentum)
-                update.momentum_delta_kernel(g[lo:hi], self.buf[lo:hi], b[:n], nlr, mom, self.first_push)
-            else:
-                update.scale_kernel(g[lo:hi], nlr, b[:n])
+            else:  # the exact local SGD step on the fetched copy, pushed as a difference
+                buf = self.buf[lo:hi] if self.buf is not None else a[:0]
+                mom, wd = np.float32(self.cfg.momentum), np.float32(self.cfg.weight_decay)
+                update.sgd_delta_kernel(self.host[lo:hi], g[lo:hi], buf, b[:n], nlr, mom, wd, self.first_push)
             self.ps.add_params(b[:n], server, off)
         self.first_push = False
 

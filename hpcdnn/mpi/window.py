@@ -120,6 +120,17 @@ class Window:
         w.Unlock(target)
         return result[0].item()
 
+    def update_many(self, target: int, items: list[tuple[int, object, object]]) -> None:
+        """Several single-element accumulates [(index, value, op), ...] in one lock epoch (counters updated together)."""
+        for index, _, _ in items:
+            self._check(target, index, 1)
+        w = self.win
+        origins = [np.array([value], self.dtype) for _, value, _ in items]
+        w.Lock(target, MPI.LOCK_SHARED)
+        for (index, _, op), origin in zip(items, origins):
+            w.Accumulate([origin, 1, self.mpi_type], target, [index, 1, self.mpi_type], op=op)
+        w.Unlock(target)
+
     def read(self, target: int, index: int = 0, count: int = 1) -> np.ndarray:
         """A few elements read atomically (Get_accumulate NO_OP): counters another rank may be updating."""
         out = np.empty(count, self.dtype)
