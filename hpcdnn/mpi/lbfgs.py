@@ -1,0 +1,185 @@
+"""Distributed L-BFGS: the (s, y) history sharded across ranks, directions by the vector-free two-loop recursion, and
+the line search. Every rank holds the full parameter vector x and, after the objective's allreduce, the full gradient.
+
+    opt = ShardedLBFGS(n, history=10, comm=comm)
+    f, g = objective()                                    # collective: evaluates at x
+    d, gtd = opt.direction(g)                             # collective: one small allreduce, one allgather
+    step = line_search(objective, x, d, f, gtd, opt.first_step(1.0))
+    opt.propose(step.t, d, step.g) if step.ok else opt.reset()
+
+Sharding (DistBelief's parameter-server shards, here for the optimizer state): rank r keeps columns
+`shard_ranges(n, size)[r]` of every history vector in one matrix V (rows: m+1 s slots, m+1 y slots, g), so the
+history costs (2m+3) n / size floats per rank. A direction needs the dot products of the new vectors with the
+basis: each rank computes them on its columns (`kernels.lbfgs.gram`), one Allreduce of a 3 x (2m+3) block sums
+them, every rank runs the recursion on the Gram matrix (Chen et al. 2014), forms its columns of the direction
+(`lincomb`) and one Allgatherv assembles d. The previous 2m-1 rows of the Gram matrix are kept, not recomputed.
+
+The curvature pair of a step is committed by the next `direction` call (its s.y arrives in the same allreduce):
+pairs with s.y <= 1e-10 are skipped, as in torch.optim.LBFGS, whose recursion and first step this follows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+from hpcdnn.kernels import update
+from hpcdnn.kernels.lbfgs import gram, lincomb, two_loop_coefficients
+from hpcdnn.models.flat import shard_ranges
+
+
+class ShardedLBFGS:
+    """L-BFGS state of one rank: its columns of the last `history` (s, y) pairs and the Gram matrix of the basis."""
+
+    def __init__(self, n: int, history: int = 10, *, comm, dtype=np.float32, curvature_eps: float = 1e-10) -> None:
+        if history < 1:
+            raise ValueError(f"history={history}: L-BFGS needs at least one (s, y) pair (m >= 1; 10 is usual)")
+        self.comm, self.n, self.m, self.eps = comm, n, history, curvature_eps
+        self.dtype = np.dtype(dtype)
+        self.ranges = shard_ranges(n, comm.Get_size())
+        self.lo, self.hi = self.ranges[comm.Get_rank()]
+        self.rows = 2 * history + 3  # s slots 0..m, y slots m+1..2m+1, g
+        self.g_row = self.rows - 1
+        self.V = np.zeros((self.rows, self.hi - self.lo), self.dtype)
+        self.G = np.zeros((self.rows, self.rows))  # global dot products between rows of V (valid for used slots and g)
+        self.order: list[int] = []  # committed slots, oldest first
+        self.pending: int | None = None  # slot holding the last step's pair, committed by the next direction()
+        self.g_norm1 = 0.0  # |g|_1 of the last direction's gradient
+        self.pairs_rejected = 0
+        self.d = np.empty(n, self.dtype)
+        self._counts = [hi - lo for lo, hi in self.ranges]
+        self._displs = [lo for lo, _ in self.ranges]
+        self._mpi_type = MPI._typedict[self.dtype.char]
+
+    def y_row(self, slot: int) -> int:
+        return self.m + 1 + slot
+
+    @property
+    def fresh(self) -> bool:
+        """True when the last direction was steepest descent (no history): the first step should be short."""
+        return not self.order
+
+    def first_step(self, step: float) -> float:
+        """torch.optim.LBFGS's trial step: min(1, 1/|g|_1) * step without history, else step."""
+        return min(1.0, 1.0 / self.g_norm1) * step if self.fresh and self.g_norm1 > 0 else step
+
+    def direction(self, g: np.ndarray) -> tuple[np.ndarray, float]:
+        """d = -H g (full vector, identical on every rank) and g.d; collective. Commits the pending pair first."""
+        if g.shape != (self.n,):
+            raise ValueError(f"gradient of shape {g.shape}, expected ({self.n},)")
+        self.V[self.g_row] = g[self.lo : self.hi]
+        p = self.pending
+        rows = [p, self.y_row(p), self.g_row] if p is not None else [self.g_row]
+        part = gram(self.V, rows)
+        buf = np.empty(part.size + 1)
+        buf[:-1] = part.ravel()
+        buf[-1] = np.abs(self.V[self.g_row], dtype=np.float64).sum()
+        self.comm.Allreduce(MPI.IN_PLACE, buf)
+        dots, self.g_norm1 = buf[:-1].reshape(part.shape), float(buf[-1])
+        if p is not None:
+            self.pending = None
+            ys = dots[0, self.y_row(p)]
+            if ys > self.eps:  # False for NaN too
+                if len(self.order) == self.m:
+                    self.order.pop(0)
+                self.order.append(p)
+                for r, row in zip(rows[:2], dots[:2]):
+                    self.G[r, :], self.G[:, r] = row, row
+            else:
+                self.pairs_rejected += 1
+        self.G[self.g_row, :], self.G[:, self.g_row] = dots[-1], dots[-1]
+        coef = two_loop_coefficients(self.G, self.order, [self.y_row(j) for j in self.order], self.g_row, self.rows)
+        gtd = math.fsum(coef * self.G[self.g_row])  # correctly rounded: identical on every rank
+        if not gtd < 0:  # not a descent direction (possible with stochastic batches) or NaN: steepest descent
+            self.reset()
+            coef = np.zeros(self.rows)
+            coef[self.g_row] = -1.0
+            gtd = -float(self.G[self.g_row, self.g_row])
+        mine = np.empty(self.hi - self.lo, self.dtype)
+        lincomb(self.V, coef, mine)
+        self.comm.Allgatherv(mine, [self.d, self._counts, self._displs, self._mpi_type])
+        return self.d, gtd
+
+    def propose(self, t: float, d: np.ndarray, g_new: np.ndarray) -> None:
+        """Record the step just taken (s = t d, y = g_new - g on the same batch); committed by the next direction()."""
+        slot = next(j for j in range(self.m + 1) if j not in self.order)
+        np.multiply(d[self.lo : self.hi], self.dtype.type(t), out=self.V[slot])
+        np.subtract(g_new[self.lo : self.hi], self.V[self.g_row], out=self.V[self.y_row(slot)])
+        self.pending = slot
+
+    def reset(self) -> None:
+        """Forget every pair (after a failed line search or an ascent direction)."""
+        self.order, self.pending = [], None
+
+    # ---- checkpoints: the root holds the full history; each rank takes back its columns
+    def state(self, root: int = 0) -> tuple[np.ndarray | None, dict]:
+        """(V with all columns on `root`, else None; the scalars). Collective."""
+        counts = [c * self.rows for c in self._counts]
+        recv = np.empty(self.rows * self.n, self.dtype) if self.comm.Get_rank() == root else None
+        self.comm.Gatherv(self.V, [recv, counts, np.cumsum([0, *counts[:-1]]).tolist(), self._mpi_type] if recv is not None else None, root)
+        full = None
+        if recv is not None:
+            full = np.empty((self.rows, self.n), self.dtype)
+            for (lo, hi), start in zip(self.ranges, np.cumsum([0, *counts[:-1]])):
+                full[:, lo:hi] = recv[start : start + self.rows * (hi - lo)].reshape(self.rows, hi - lo)
+        meta = {"order": self.order, "pending": self.pending, "gram": self.G.tolist(), "pairs_rejected": self.pairs_rejected}
+        return full, meta
+
+    def load_state(self, V: np.ndarray, meta: dict) -> None:
+        """Take this rank's columns of a checkpointed history (same n and history size)."""
+        if V.shape != (self.rows, self.n):
+            raise ValueError(
+                f"checkpointed L-BFGS history has shape {V.shape}, this run needs {(self.rows, self.n)}: same model and --sb_history?"
+            )
+        self.V[:] = V[:, self.lo : self.hi]
+        self.G[:] = np.asarray(meta["gram"], dtype=np.float64)
+        self.order, self.pending = [int(j) for j in meta["order"]], meta["pending"]
+        self.pairs_rejected = int(meta["pairs_rejected"])
+
+
+@dataclass
+class Step:
+    """Outcome of a line search: step length, loss and gradient at the new point, evaluations used, success."""
+
+    t: float
+    f: float
+    g: np.ndarray | None
+    evals: int
+    ok: bool
+
+
+def _move(x: np.ndarray, x0: np.ndarray, d: np.ndarray, t: float) -> None:
+    """x = x0 + t d (fused multiply-add in float32, as torch's p.add_(d, alpha=t))."""
+    np.copyto(x, x0)
+    if x.dtype == np.float32:
+        update.axpy(x, d, t)
+    else:
+        x += t * d
+
+
+def line_search(evaluate, x: np.ndarray, d: np.ndarray, f0: float, gtd: float, t: float, *, mode: str = "armijo",
+                c1: float = 1e-4, max_evals: int = 10) -> Step:  # fmt: skip
+    """Move x (in place) along d. `evaluate()` returns (f, g) at the current x (every rank gets the same values).
+
+    mode "none": one step of length t (torch.optim.LBFGS with line_search_fn=None). mode "armijo": accept the first
+    t with f(x + t d) <= f0 + c1 t g.d, else shrink t by a safeguarded quadratic fit (within [0.1 t, 0.5 t]); after
+    `max_evals` failures x is restored and ok is False.
+    """
+    if mode not in ("armijo", "none"):
+        raise ValueError(f"line search mode {mode!r}; expected armijo or none")
+    x0 = x.copy()
+    for k in range(1, max_evals + 1):
+        _move(x, x0, d, t)
+        f, g = evaluate()
+        if mode == "none" or f <= f0 + c1 * t * gtd:  # NaN fails the test
+            return Step(t, f, g, k, True)
+        if np.isfinite(f):
+            fit = -gtd * t * t / (2.0 * (f - f0 - gtd * t))
+            t = min(max(fit, 0.1 * t), 0.5 * t)
+        else:
+            t *= 0.1
+    np.copyto(x, x0)
+    return Step(0.0, f0, None, max_evals, False)

@@ -1,0 +1,247 @@
+"""Sandblaster's work distribution: a batch cut into portions that ranks claim from a counter, backup tasks for
+stragglers, and the distributed objective that sums the results with one Allreduce.
+
+    portions = Portions(48, comm=comm)                          # windows on the coordinator (rank 0)
+    objective = Objective(portion_fn, portions, x, comm=comm)   # portion_fn(k, keep_going) -> (loss_sum, grad_sum, count)
+    f, g = objective()                                          # collective: mean loss and gradient over the batch
+
+Protocol of one evaluation e (e = 1, 2, ... in this process):
+  claim     k = Fetch_and_op(+1) on the coordinator's counter, minus the counter's value when e began; k < P: compute
+            portion k. Every rank claims until its first k >= P, so each evaluation adds exactly P + size to the
+            counter and every rank knows the next base without a reset.
+  backup    a rank without claims reads the P flags; portions whose flag is not e are unfinished. After waiting
+            `backup_after` of its mean portion time it re-runs one of them (a DistBelief/MapReduce backup task).
+  commit    after computing portion k a rank Compare_and_swaps flag[k] from e-1 to e; only the winner adds the result
+            to its sums, so no portion counts twice and none is lost. Flags carry evaluation numbers: nothing is reset.
+  abandon   between chunks a rank reads flag[k]; if another copy already won it stops (a straggler does not hold up the
+            allreduce), counted with the losers of the CAS as discarded.
+  done      when every flag is e, each rank's sums go into one Allreduce (gradient, loss, samples, claims).
+
+Summation is float64: each rank adds the float32 portion gradients it won in float64, the Allreduce sums in float64,
+the mean is rounded to float32 once. Which rank won which portion changes the float64 rounding (~1e-16 relative)
+but, except for values within that distance of a float32 rounding boundary, not the float32 gradient; so a run is
+reproducible for a given seed and rank count up to those rare last-bit ties (tests compare with a tolerance).
+The windows live in one shared Lock_all epoch (`SharedWindow`): with per-operation locks MPICH grants the lock
+only when the target makes MPI progress, so a claim waited for the coordinator's whole forward pass.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+
+import numpy as np
+from mpi4py import MPI
+
+from hpcdnn.models.flat import shard_ranges
+from hpcdnn.mpi.window import Window
+
+POLL_S = 0.0005  # an idle rank re-reads the flags this often (sleeping in between: cores may be shared)
+
+
+class SharedWindow(Window):
+    """A `Window` held in one shared `Lock_all` epoch from creation to `free`: single-element ops are op + Flush.
+
+    Measured with a target busy in compute: MPICH's per-operation Lock waited for the target's next MPI call (up to
+    2 s); inside Lock_all the same Fetch_and_op takes ~5 us on MPICH and Open MPI. The lock is shared: no rank is
+    ever excluded, as with `Window`.
+    """
+
+    def __init__(self, count: int, dtype, *, comm) -> None:
+        super().__init__(count, dtype, comm=comm)
+        self.win.Lock_all()
+
+    def fetch_and_op(self, value, target: int, index: int, op=MPI.SUM):
+        self._check(target, index, 1)
+        origin, result = np.array([value], self.dtype), np.empty(1, self.dtype)
+        self.win.Fetch_and_op(origin, result, target, index, op=op)
+        self.win.Flush(target)
+        return result[0].item()
+
+    def compare_and_swap(self, expected, value, target: int, index: int):
+        self._check(target, index, 1)
+        origin, compare, result = np.array([value], self.dtype), np.array([expected], self.dtype), np.empty(1, self.dtype)
+        self.win.Compare_and_swap(origin, compare, result, target, index)
+        self.win.Flush(target)
+        return result[0].item()
+
+    def read(self, target: int, index: int = 0, count: int = 1) -> np.ndarray:
+        self._check(target, index, count)
+        out = np.empty(count, self.dtype)
+        self.win.Get_accumulate(out, out, target, [index, count, self.mpi_type], op=MPI.NO_OP)
+        self.win.Flush(target)
+        return out
+
+    def free(self) -> None:
+        if self._win is not None:
+            self._win.Unlock_all()
+        super().free()
+
+
+@dataclass
+class PortionStats:
+    """This rank's counts (sum them over ranks for the run's totals)."""
+
+    won: int = 0  # portions whose result this rank contributed
+    backup: int = 0  # backup runs started (re-runs of a portion claimed by another rank)
+    backup_won: int = 0  # backup runs whose result counted
+    discarded: int = 0  # computations thrown away: CAS lost, or abandoned because another copy won
+    abandoned: int = 0  # of those, stopped between chunks
+
+    def as_array(self) -> np.ndarray:
+        return np.array([getattr(self, f.name) for f in fields(self)], dtype=np.int64)
+
+
+class Portions:
+    """Which portions of each evaluation this rank computes: dynamic claims with backups, or a static equal split."""
+
+    def __init__(self, count: int, *, comm, coordinator: int = 0, dynamic: bool = True, backup_after: float = 0.5,
+                 slow_rank: int = -1, slow_factor: float = 1.0) -> None:  # fmt: skip
+        size = comm.Get_size()
+        if count < 1:
+            raise ValueError(f"{count} portions: need at least 1 (4 per rank or more lets fast ranks take more)")
+        if not 0 <= coordinator < size:
+            raise ValueError(f"coordinator rank {coordinator} outside the communicator of {size} ranks")
+        if not -1 <= slow_rank < size:
+            raise ValueError(f"--slow_rank={slow_rank} but there are {size} ranks: use 0..{size - 1}, or -1 for none")
+        self.comm, self.count, self.coordinator, self.dynamic = comm, count, coordinator, dynamic
+        self.rank, self.size = comm.Get_rank(), size
+        self.backup_after, self.slow = backup_after, (slow_factor - 1.0 if comm.Get_rank() == slow_rank else 0.0)
+        here = comm.Get_rank() == coordinator
+        self.claims = SharedWindow(1 if here else 0, np.int64, comm=comm) if dynamic else None
+        self.flags = SharedWindow(count if here else 0, np.int64, comm=comm) if dynamic else None
+        self.evaluation = 0  # evaluations run; flag[k] == e once portion k of evaluation e is done
+        self.base = 0  # the claim counter's value when the current evaluation began
+        self.stats = PortionStats()
+        self.portion_time = 0.0  # mean seconds per portion on this rank (for the backup wait)
+        self._timed = 0
+
+    def run(self, compute, commit) -> int:
+        """Compute portions until all of this evaluation's are done; `commit(k)` for each result that counts.
+
+        compute(k, keep_going) computes portion k, calling keep_going() after each chunk and stopping (returning False)
+        when it says so. Returns how many claims this rank made (the objective checks the total).
+        """
+        self.evaluation += 1
+        if not self.dynamic:
+            for k in range(self.rank, self.count, self.size):  # round robin: equal shares, no windows
+                self._compute(k, compute, lambda k: True)
+                commit(k)
+                self.stats.won += 1
+            return 0
+        e, claims, idle_since = self.evaluation, 0, None
+        while True:
+            backup = idle_since is not None
+            if not backup:
+                k = self.claims.fetch_and_op(1, self.coordinator, 0) - self.base
+                claims += 1
+                if k >= self.count:
+                    idle_since = time.perf_counter()
+                    continue
+            else:
+                pending = np.flatnonzero(self.flags.read(self.coordinator, 0, self.count) != e)
+                if not pending.size:
+                    break
+                if time.perf_counter() - idle_since < self.backup_after * self.portion_time:
+                    time.sleep(POLL_S)
+                    continue
+                k = int(pending[self.rank % pending.size])
+                self.stats.backup += 1
+            finished = self._compute(k, compute, lambda k: self.flags.read(self.coordinator, k)[0] != e)
+            if not finished:
+                self.stats.discarded += 1
+                self.stats.abandoned += 1
+            elif self.flags.compare_and_swap(e - 1, e, self.coordinator, k) == e - 1:
+                commit(k)
+                self.stats.won += 1
+                self.stats.backup_won += backup
+            else:
+                self.stats.discarded += 1
+            if backup:
+                idle_since = time.perf_counter()
+        self.base += self.count + self.size
+        return claims
+
+    def _compute(self, k: int, compute, still_needed) -> bool:
+        """Run compute(k) with the straggler's sleep and the abandon check between chunks; time it."""
+        t0 = last = time.perf_counter()
+
+        def keep_going() -> bool:
+            nonlocal last
+            if self.slow:
+                time.sleep(self.slow * (time.perf_counter() - last))
+                last = time.perf_counter()
+            return still_needed(k)
+
+        finished = compute(k, keep_going)
+        if finished:
+            self._timed += 1
+            self.portion_time += (time.perf_counter() - t0 - self.portion_time) / self._timed
+        return finished
+
+    def expected_claims(self) -> int:
+        """Claims all ranks together make per evaluation: every portion once, plus one failed claim per rank."""
+        return self.count + self.size if self.dynamic else 0
+
+    def free(self) -> None:
+        """Collective: release the windows."""
+        for w in (self.claims, self.flags):
+            if w is not None:
+                w.free()
+
+
+class Objective:
+    """f(x) = mean loss over the batch + weight_decay/2 |x|^2 and its gradient, at the current `x` (collective).
+
+    portion_fn(k, keep_going) -> (loss_sum, grad_sum, count) or None if keep_going() said stop; grad_sum is a
+    float32/float64 vector of len(x), valid until the next call. `expected` is the batch size: the summed sample
+    count must equal it, or the evaluation raises (a portion lost or counted twice).
+    """
+
+    def __init__(self, portion_fn, portions: Portions, x: np.ndarray, *, comm, weight_decay: float = 0.0) -> None:
+        self.fn, self.portions, self.x, self.comm, self.wd = portion_fn, portions, x, comm, weight_decay
+        self.n = x.size
+        self.lo, self.hi = shard_ranges(self.n, comm.Get_size())[comm.Get_rank()]
+        self.buf = np.zeros(self.n + 5)  # gradient sum, loss sum, samples, claims, stop votes, |x|^2 (by shards)
+        self.expected = 0
+        self.evaluations = 0
+        self.samples = 0  # samples counted over all evaluations
+        self.stop_vote = False  # set by a signal handler: the run stops when any rank votes
+        self.stop_agreed = False
+
+    def __call__(self) -> tuple[float, np.ndarray]:
+        n, buf = self.n, self.buf
+        buf[:] = 0.0
+        result = None
+
+        def compute(k, keep_going) -> bool:
+            nonlocal result
+            result = self.fn(k, keep_going)
+            return result is not None
+
+        def commit(k) -> None:
+            loss, grad, count = result
+            np.add(buf[:n], grad, out=buf[:n])
+            buf[n] += loss
+            buf[n + 1] += count
+
+        buf[n + 2] = self.portions.run(compute, commit)
+        buf[n + 3] = float(self.stop_vote)
+        if self.wd:  # by shards, summed in the allreduce: every rank gets the same bits (decisions depend on f)
+            mine = self.x[self.lo : self.hi].astype(np.float64)
+            buf[n + 4] = mine @ mine
+        self.comm.Allreduce(MPI.IN_PLACE, buf)
+        count, claims = int(buf[n + 1]), int(buf[n + 2])
+        if count != self.expected or claims != self.portions.expected_claims():
+            raise RuntimeError(
+                f"evaluation {self.portions.evaluation}: {count} samples counted for a batch of {self.expected}, {claims} claims "
+                f"for {self.portions.expected_claims()} expected: a portion was lost or counted twice (a bug, please report)"
+            )
+        self.evaluations += 1
+        self.samples += count
+        self.stop_agreed = buf[n + 3] > 0
+        f = buf[n] / count + 0.5 * self.wd * buf[n + 4]
+        g = buf[:n] / count
+        if self.wd:
+            g += self.wd * self.x.astype(np.float64)
+        return float(f), g.astype(self.x.dtype)

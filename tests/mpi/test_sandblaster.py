@@ -1,0 +1,169 @@
+"""Sandblaster L-BFGS under a real mpirun: one rank equals torch.optim.LBFGS, three ranks equal one, a straggler's
+portions are backed up and every sample counts exactly once, and the driver checkpoints and resumes.
+
+The scenarios run in tests/mpi/sandblaster_cases.py (two launches in all); each launch has a timeout, so a hung
+collective or RMA epoch fails the test instead of blocking CI.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, mpirun, prep
+from fakes import make_idx_dataset
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sandblaster_cases import SAMPLES, SCENARIOS, WEIGHT_DECAY, logistic_problem, loss_and_grad  # noqa: E402
+
+from hpcdnn import checkpoint as ck  # noqa: E402
+
+pytestmark = pytest.mark.mpi
+CASES = Path(__file__).parent / "sandblaster_cases.py"
+PORTIONS = 12  # the convex scenarios' default
+
+
+def launch(n: int, *args, timeout: float = 240) -> str:
+    """Run a scenario under `mpirun -n n python -m mpi4py`; its stdout, or an AssertionError with both streams."""
+    cmd = [*mpirun(n), sys.executable, "-m", "mpi4py", str(CASES), *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}")
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def convex(tmp_path_factory):
+    """load(ranks, scenario) -> the root's npz of that run."""
+    d = tmp_path_factory.mktemp("convex")
+    launch(3, "convex", d, "plain,armijo", "plain,armijo,straggler,static")  # 1 rank (COMM_SELF), then 3
+    return lambda ranks, name: np.load(d / str(ranks) / f"{name}.npz")
+
+
+def torch_lbfgs_iterates(iters: int, history: int = 5) -> np.ndarray:
+    """torch.optim.LBFGS with a fixed step (line_search_fn=None, lr=1) on the same problem, one iteration per step()."""
+    X, labels, x0 = logistic_problem()
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(labels)
+    p = torch.tensor(x0, requires_grad=True)
+    opt = torch.optim.LBFGS([p], lr=1.0, max_iter=1, history_size=history, tolerance_grad=0.0, tolerance_change=0.0)
+    c, f = 4, X.shape[1]
+
+    def closure():
+        opt.zero_grad()
+        logits = Xt @ p[: c * f].view(c, f).T + p[c * f :]
+        loss = torch.nn.functional.cross_entropy(logits, yt) + 0.5 * WEIGHT_DECAY * (p @ p)
+        loss.backward()
+        return loss
+
+    out = [x0]
+    for _ in range(iters):
+        opt.step(closure)
+        out.append(p.detach().numpy().copy())
+    return np.array(out)
+
+
+def test_one_rank_equals_torch_lbfgs(convex):
+    ours = convex(1, "plain")["iterates"]
+    want = torch_lbfgs_iterates(SCENARIOS["plain"]["iters"])
+    assert np.abs(want[-1] - want[0]).max() > 0.1  # the iterates move: the comparison means something
+    np.testing.assert_allclose(ours, want, rtol=0, atol=1e-9)
+
+
+def test_armijo_reaches_the_scipy_minimum(convex):
+    from scipy.optimize import minimize
+
+    X, labels, x0 = logistic_problem()
+
+    def fun(x):
+        f, g = loss_and_grad(x, X, labels)
+        return f / SAMPLES + 0.5 * WEIGHT_DECAY * x @ x, g / SAMPLES + WEIGHT_DECAY * x
+
+    best = minimize(fun, x0, jac=True, method="L-BFGS-B", options=dict(gtol=1e-12, ftol=1e-16, maxiter=2000))
+    for ranks in (1, 3):
+        run = convex(ranks, "armijo")
+        losses = run["losses"]
+        assert np.all(np.diff(losses) <= 1e-4 * 0 + 1e-15), "Armijo steps never increase the loss"
+        assert losses[-1] - best.fun < 1e-9, (losses[-1], best.fun)
+        np.testing.assert_allclose(run["iterates"][-1], best.x, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["plain", "armijo", "static"])
+def test_three_ranks_give_the_iterates_of_one(convex, name):
+    three = convex(3, name)
+    one = convex(1, "plain" if name == "static" else name)
+    assert int(three["ranks"]) == 3
+    np.testing.assert_allclose(three["iterates"], one["iterates"], rtol=0, atol=1e-12)
+
+
+def test_straggler_is_backed_up_and_every_sample_counts_once(convex):
+    run = convex(3, "straggler")
+    won, backup, backup_won, discarded, abandoned = run["stats"].tolist()
+    evaluations = int(run["evaluations"])
+    assert evaluations == SCENARIOS["straggler"]["iters"] + 1
+    assert int(run["samples"]) == evaluations * SAMPLES  # summed sample counts == batch size, every evaluation
+    assert won == evaluations * PORTIONS  # each portion's result counted exactly once
+    assert backup > 0 and discarded > 0, run["stats"]  # backups ran; the losing copies were thrown away
+    assert abandoned <= discarded and backup_won <= backup
+    np.testing.assert_allclose(run["iterates"], convex(1, "plain")["iterates"], rtol=0, atol=1e-12)
+    assert convex(3, "static")["stats"][1] == 0  # the static split never backs up
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    make_idx_dataset(d / "idx", n_train=120, n_test=40, seed=3)
+    assert prep("idx", "--dir", d / "idx", "--out", d / "data", "--shard-size", "50") == 0
+    return d / "data"
+
+
+@pytest.fixture(scope="module")
+def driver(tiny, tmp_path_factory):
+    """Runs a (2 epochs), b (3 iterations, then --resume), c (rank 1 slowed 3x) of the real driver, 3 ranks."""
+    runs = tmp_path_factory.mktemp("runs")
+    args = ["--batch_size=48", "--epochs=2", "--sb_batch_iters=2", "--threads=1", "--sb_chunk=4", "--sb_portions=12", "--log_every=1"]
+    out = launch(3, "train", runs, tiny, *args, timeout=300)
+    summaries = [json.loads(line[len("SUMMARY ") :]) for line in out.splitlines() if line.startswith("SUMMARY ")]
+    assert [(s["run"], s["resume"]) for s in summaries] == [("a", False), ("b", False), ("b", True), ("c", False)]
+    return runs, summaries
+
+
+def test_driver_summary_and_run_directory(driver):
+    runs, (a, *_) = driver
+    for key in ("topology", "model", "parameters", "device", "steps", "images_per_s", "train_time_s", "val_split", "val_top1",
+                "val_top5", "val_loss", "portions_total", "portions_backup", "portions_discarded", "lbfgs_iterations",
+                "line_search_evals"):  # fmt: skip
+        assert key in a, key
+    assert a["topology"] == "sandblaster" and a["model"] == "alexnet_small" and a["ranks"] == 3
+    assert a["steps"] == a["lbfgs_iterations"] == 2 * (120 // 48) * 2
+    assert a["portions_total"] == 12 * a["gradient_evals"] and a["samples_counted"] == 48 * a["gradient_evals"]
+    assert a["line_search_evals"] >= a["steps"]
+    saved = json.loads((runs / "a" / "summary.json").read_text())
+    assert saved == {k: v for k, v in a.items() if k not in ("run", "resume")}
+    records = [json.loads(line) for line in (runs / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, a["steps"] + 1))
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0], losses  # it learns
+    assert sum("val_top1" in r for r in records) == 2
+
+
+def test_resume_continues_the_same_trajectory(driver):
+    runs, (a, b_first, b, _) = driver
+    assert b_first["steps"] == 3 and b["steps"] == a["steps"]
+    ca, cb = ck.load(runs / "a" / ck.LATEST), ck.load(runs / "b" / ck.LATEST)
+    assert ca.optim["lbfgs_basis"].shape == (2 * 10 + 3, ca.params.size)  # the gathered history is in the checkpoint
+    np.testing.assert_allclose(cb.params, ca.params, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cb.optim["lbfgs_basis"], ca.optim["lbfgs_basis"], rtol=1e-4, atol=1e-6)
+    assert cb.state["lbfgs"]["order"] == ca.state["lbfgs"]["order"]
+    assert b["gradient_evals"] == a["gradient_evals"] and b["portions_total"] == a["portions_total"]
+
+
+def test_driver_with_a_straggler_counts_every_sample_once(driver):
+    _, (a, _, _, c) = driver
+    assert c["samples_counted"] == 48 * c["gradient_evals"] and c["portions_total"] == 12 * c["gradient_evals"]
+    assert c["portions_backup"] > 0, c
+    assert abs(c["train_loss"] - a["train_loss"]) < 1e-4 * max(1.0, abs(a["train_loss"]))  # same trajectory as without
