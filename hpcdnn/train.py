@@ -122,6 +122,7 @@ def train(cfg: Config, resume: bool = False, comm=None) -> dict:
             raise ValueError(f"--topology={cfg.topology} runs under MPI: mpirun -n N python -m mpi4py -m hpcdnn train ...")
         roles = split_roles(comm, cfg.servers if cfg.topology == "downpour" else 0, cfg.placement)
     is_root, is_server = roles is None or roles.is_root, roles is not None and roles.is_server
+    stop = StopSignal()  # from here on SIGUSR1/SIGTERM only set a flag, on every rank (servers too: they end with the workers)
     rank, world = (roles.index, len(roles.workers)) if roles and not is_server else (0, 1)
     run_dir = Path(cfg.run_dir)
     if is_root:
@@ -159,6 +160,7 @@ def train(cfg: Config, resume: bool = False, comm=None) -> dict:
             ps.serve()
             ps.free()
             roles.free()
+            stop.close()
             return {}
         topo = Downpour(cfg, flat, roles, ps)
     else:
@@ -205,7 +207,6 @@ def train(cfg: Config, resume: bool = False, comm=None) -> dict:
             ck.save(run_dir / ck.LATEST, ck.Checkpoint(params, optim, step, next_epoch, next_batch, cfg.to_toml(), state, rng))
 
     # ---- the loop: one epoch after another, evaluating and checkpointing at each end
-    stop = StopSignal()
     stopped = False
     bar = Bar(total, step, enabled=is_root)
     window_t, window_images, window_loss = time.perf_counter(), 0, []

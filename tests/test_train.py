@@ -82,3 +82,33 @@ def test_eval_and_plot_commands(tiny, tmp_path, capsys):
     assert result["count"] == 40 and {"top1", "top5", "top1_10crop", "top5_10crop"} <= set(result)
     assert hpcdnn(["plot", str(run), str(run), "-o", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sigusr1_stops_with_checkpoint_and_resume_is_bitwise(tiny, tmp_path):
+    """SIGUSR1 mid-run (Slurm's --signal=B:USR1): checkpoint + preempted.json, no summary; --resume == uninterrupted."""
+    import os
+    import signal
+    import threading
+    import time
+
+    train(config(tiny, tmp_path / "a"))
+    run = tmp_path / "b"
+    metrics = run / "metrics.jsonl"
+
+    def signal_after_first_log():
+        deadline = time.time() + 60
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text()):
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    watcher = threading.Thread(target=signal_after_first_log)
+    watcher.start()
+    first = train(config(tiny, run))
+    watcher.join()
+    assert first["preempted"] and (run / "preempted.json").exists() and not (run / "summary.json").exists()
+    assert 0 < ck.load(run / ck.LATEST).step < 14
+    train(config(tiny, run), resume=True)
+    a, b = ck.load(tmp_path / "a" / ck.LATEST), ck.load(run / ck.LATEST)
+    assert b.step == a.step == 14
+    np.testing.assert_array_equal(b.params, a.params)
+    assert not (run / "preempted.json").exists() and (run / "summary.json").exists()

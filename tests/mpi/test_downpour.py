@@ -141,3 +141,31 @@ def test_error_on_every_rank_aborts_instead_of_hanging(tiny, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO)
     assert r.returncode != 0
     assert "leaves no worker" in r.stderr
+
+
+def test_signal_checkpoints_and_resume_finishes(tiny, tmp_path):
+    """SIGUSR1 to mpirun mid-run: every rank stops cleanly (exit 0), preempted.json + checkpoint; --resume finishes
+    with every worker at its full step count and every push accounted for across both runs."""
+    run = tmp_path / "run"
+    args = [*COMMON, f"--data={tiny}", f"--run_dir={run}", "--topology=downpour", "--optimizer=adagrad", "--batch_size=16",
+            "--epochs=3", "--log_every=3"]  # fmt: skip
+    cmd = [*mpirun(3), sys.executable, "-m", "mpi4py", "-m", "hpcdnn", "train", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.time() + 120
+        while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
+            assert time.time() < deadline and proc.poll() is None, "the run never logged a step"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)  # mpirun forwards it to every rank
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    stopped = json.loads((run / "preempted.json").read_text())
+    assert 0 < stopped["step"] < 60 and not (run / "summary.json").exists()
+    hpcdnn(3, *args, "--resume")
+    s = json.loads((run / "summary.json").read_text())
+    assert s["worker_steps"] == [60, 60] and s["steps"] == 60  # 640 images / 2 workers / 16 per batch x 3 epochs
+    assert s["pushes_sent"] == s["pushes_applied"] + s["pushes_rejected"] == 120
+    assert not (run / "preempted.json").exists()
