@@ -140,7 +140,45 @@ def stalled_worker(out: Path) -> None:
     ps.free()
 
 
+def roles_and_windows(out: Path) -> None:
+    """Placement first / last / env, and the Window class's checks, on 3 ranks."""
+    rank, found = comm.Get_rank(), {}
+    for placement, env in (("first", None), ("last", None), ("env", {"HPCDNN_ROLE": "server" if rank == 1 else "worker"})):
+        roles = split_roles(comm, 1, placement, env=env)
+        found[placement] = {"servers": roles.servers, "workers": roles.workers, "root": roles.root, "index": roles.index}
+        roles.free()
+    try:
+        split_roles(comm, 1, "env", env={"HPCDNN_ROLE": "gpu"})
+        found["bad_env"] = None
+    except ValueError as e:
+        found["bad_env"] = str(e)
+    from hpcdnn.mpi.window import Window
+
+    w = Window(8 if rank == 0 else 0, np.float32, comm=comm)
+    w.accumulate(np.full(8, rank + 1, np.float32), 0)  # 1 + 2 + 3 on every element, concurrently
+    comm.Barrier()
+    found["sum"] = w.read(0, 0, 8).tolist()
+    try:
+        w.get(np.empty(2, np.float32), 0, 7)
+    except ValueError as e:
+        found["bounds"] = str(e)
+    w.free()
+    try:
+        w.read(0)
+    except RuntimeError as e:
+        found["freed"] = str(e)
+    everyone = comm.gather(found, root=0)
+    if rank == 0:
+        (out / "result.json").write_text(json.dumps(everyone))
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     case, out = sys.argv[1], Path(sys.argv[2])
-    {"adagrad_vs_torch": adagrad_vs_torch, "sgd_vs_torch": sgd_vs_torch, "nan_push": nan_push, "stalled_worker": stalled_worker}[case](out)
+    {
+        "adagrad_vs_torch": adagrad_vs_torch,
+        "sgd_vs_torch": sgd_vs_torch,
+        "nan_push": nan_push,
+        "stalled_worker": stalled_worker,
+        "roles": roles_and_windows,
+    }[case](out)

@@ -169,3 +169,17 @@ def test_signal_checkpoints_and_resume_finishes(tiny, tmp_path):
     assert s["worker_steps"] == [60, 60] and s["steps"] == 60  # 640 images / 2 workers / 16 per batch x 3 epochs
     assert s["pushes_sent"] == s["pushes_applied"] + s["pushes_rejected"] == 120
     assert not (run / "preempted.json").exists()
+
+
+def test_roles_placement_and_window_checks(tmp_path):
+    cmd = [*mpirun(3), sys.executable, "-m", "mpi4py", str(CASES), "roles", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = json.loads((tmp_path / "result.json").read_text())
+    assert [x["first"]["servers"] for x in ranks] == [[0]] * 3 and ranks[0]["first"]["workers"] == [1, 2]
+    assert ranks[0]["last"]["servers"] == [2] and ranks[0]["last"]["root"] == 0
+    assert ranks[0]["env"]["servers"] == [1] and ranks[0]["env"]["workers"] == [0, 2]
+    assert [x["env"]["index"] for x in ranks] == [0, 0, 1]  # worker 0, the server's shard 0, worker 1
+    assert all("HPCDNN_ROLE='gpu'" in x["bad_env"] for x in ranks)
+    assert ranks[0]["sum"] == [6.0] * 8
+    assert all("outside rank 0's part of 8" in x["bounds"] and "freed" in x["freed"] for x in ranks)
