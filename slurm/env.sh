@@ -1,0 +1,191 @@
+# slurm/env.sh - sourced (never run) by the sbatch scripts in slurm/: environment, threads, launcher, preemption.
+#
+# ENVIRONMENT KNOBS (set them before sbatch; sbatch exports the submitting shell's environment by default)
+#   HPCDNN_HOME     the repository                       (default: $SLURM_SUBMIT_DIR: submit from the repo root)
+#   HPCDNN_MODULES  modules to load first, e.g. "openmpi/5.0.5 cuda/12.4"           (default: none)
+#   HPCDNN_VENV     virtualenv to activate, or "none"    (default: $HPCDNN_HOME/.venv when it exists)
+#   PYTHON          the interpreter                      (default: python, from the venv/modules)
+#   THREADS         threads per rank (torch, Numba, OpenMP, BLAS)       (default: $SLURM_CPUS_PER_TASK)
+#   LAUNCHER        auto | srun | mpirun                 (default auto: srun when this Slurm has the MPI plugin
+#                   the MPI needs - Open MPI: pmix, MPICH: pmi2 - else mpirun inside the allocation)
+#   SRUN_MPI        srun's --mpi= type                   (default: pmix for Open MPI, pmi2 for MPICH)
+#   SRUN_ARGS       extra srun options;  MPIRUN_ARGS  extra mpirun options
+#   MAX_RESTARTS    stop requeueing a preempted run after this many restarts           (default 100)
+#
+# WHAT A TRAINING SCRIPT GETS (hpcdnn_run)
+#   * the launcher runs in the background; the batch shell traps USR1 (Slurm's --signal=B:USR1@lead) and TERM and
+#     sends SIGUSR1 to the launcher, which forwards it to every rank (Open MPI 5's mpirun and srun both do); the
+#     ranks finish their step, the root writes RUN_DIR/checkpoint.h5 and RUN_DIR/preempted.json, all exit 0;
+#     SIGTERM is never passed on: Open MPI's mpirun kills its ranks ~1 s after a SIGTERM;
+#   * a fresh RUN_DIR/preempted.json after the launcher returns -> `scontrol requeue $SLURM_JOB_ID`;
+#     a signal that arrives before the launcher started requeues without starting it;
+#   * the requeued job (SLURM_RESTART_COUNT > 0) finds RUN_DIR/checkpoint.h5 and passes --resume by itself;
+#   * a rank that dies ends the job at once (python -m mpi4py aborts on an uncaught exception; mpirun and
+#     srun --kill-on-bad-exit kill the rest), with the launcher's exit code and no requeue.
+
+hpcdnn_log() { echo "[hpcdnn-slurm $(date +%T)] $*" >&2; }
+hpcdnn_die() { hpcdnn_log "ERROR: $*"; exit 2; }
+
+# ------------------------------------------------------------------ signals that arrive before the launcher runs
+_HPCDNN_PID=
+_HPCDNN_SIGNAL=
+_HPCDNN_TRAPPED=0
+_hpcdnn_on_signal() {  # trap handler: remember, and ask the launcher (if any) to stop the ranks cleanly
+  _HPCDNN_SIGNAL=$1
+  _HPCDNN_TRAPPED=1
+  if [ -n "$_HPCDNN_PID" ]; then
+    hpcdnn_log "got SIG$1: SIGUSR1 to the launcher (pid $_HPCDNN_PID): ranks finish their step, checkpoint, exit"
+    kill -USR1 "$_HPCDNN_PID" 2>/dev/null || true
+  else
+    hpcdnn_log "got SIG$1 before the launcher started"
+  fi
+}
+trap '_hpcdnn_on_signal USR1' USR1
+trap '_hpcdnn_on_signal TERM' TERM
+
+# ------------------------------------------------------------------ software
+HPCDNN_HOME=${HPCDNN_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
+[ -f "$HPCDNN_HOME/hpcdnn/train.py" ] \
+  || hpcdnn_die "HPCDNN_HOME=$HPCDNN_HOME is not the hpcdnn repository: submit from the repository root or export HPCDNN_HOME=/path/to/hpcdnn"
+if [ -n "${HPCDNN_MODULES:-}" ]; then
+  if ! type module >/dev/null 2>&1; then
+    for f in /etc/profile.d/lmod.sh /etc/profile.d/modules.sh /usr/share/lmod/lmod/init/bash; do
+      [ -f "$f" ] && { source "$f"; break; }
+    done
+  fi
+  # shellcheck disable=SC2086  # a list of module names
+  module load $HPCDNN_MODULES || hpcdnn_die "module load $HPCDNN_MODULES failed"
+fi
+HPCDNN_VENV=${HPCDNN_VENV:-$HPCDNN_HOME/.venv}
+if [ "$HPCDNN_VENV" != none ]; then
+  [ -f "$HPCDNN_VENV/bin/activate" ] \
+    || hpcdnn_die "no virtualenv at HPCDNN_VENV=$HPCDNN_VENV: run 'make install' in $HPCDNN_HOME, or set HPCDNN_VENV=none to use the modules' python"
+  source "$HPCDNN_VENV/bin/activate"
+fi
+PYTHON=${PYTHON:-python}
+export PYTHONUNBUFFERED=1  # log lines reach the job's output file as they happen
+
+# ------------------------------------------------------------------ threads: one rank per task, THREADS each
+THREADS=${THREADS:-${SLURM_CPUS_PER_TASK:-0}}
+if [ "$THREADS" -gt 0 ] 2>/dev/null; then
+  export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS OPENBLAS_NUM_THREADS=$THREADS NUMBA_NUM_THREADS=$THREADS
+fi
+if [ "$(id -u)" = 0 ]; then  # CI runs as root; Open MPI refuses root without these
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+fi
+
+# ------------------------------------------------------------------ launcher
+hpcdnn_mpi_flavor() {  # openmpi | mpich | unknown, from the mpirun on PATH
+  local v
+  v=$(mpirun --version 2>&1 | head -5) || true
+  case $v in
+    *"Open MPI"*) echo openmpi ;;
+    *HYDRA* | *MPICH*) echo mpich ;;
+    *) echo unknown ;;
+  esac
+}
+
+# hpcdnn_launcher: set HPCDNN_LAUNCH (an array: the launcher prefix for SLURM_NTASKS ranks) and HPCDNN_LAUNCHER.
+# srun with the wrong --mpi type starts N singletons that each think they are alone (Open MPI under pmi2 does),
+# so the type follows the MPI: pmix for Open MPI, pmi2 for MPICH.
+hpcdnn_launcher() {
+  local flavor want
+  flavor=$(hpcdnn_mpi_flavor)
+  case $flavor in openmpi) want=pmix ;; mpich) want=pmi2 ;; *) want= ;; esac
+  SRUN_MPI=${SRUN_MPI:-$want}
+  HPCDNN_LAUNCHER=${LAUNCHER:-auto}
+  if [ "$HPCDNN_LAUNCHER" = auto ]; then
+    HPCDNN_LAUNCHER=mpirun
+    if [ -n "$SRUN_MPI" ] && srun --mpi=list 2>&1 | grep -qw "$SRUN_MPI"; then HPCDNN_LAUNCHER=srun; fi
+  fi
+  case $HPCDNN_LAUNCHER in
+    srun)
+      [ -n "$SRUN_MPI" ] || hpcdnn_die "LAUNCHER=srun: cannot tell the MPI from 'mpirun --version' ($flavor); set SRUN_MPI=pmix or pmi2"
+      # shellcheck disable=SC2206  # SRUN_ARGS is a list of options
+      HPCDNN_LAUNCH=(srun --mpi="$SRUN_MPI" --kill-on-bad-exit=1 ${SRUN_ARGS:-})
+      ;;
+    mpirun)
+      if [ "$flavor" = openmpi ]; then
+        # shellcheck disable=SC2206
+        HPCDNN_LAUNCH=(mpirun -n "${SLURM_NTASKS:-1}" --bind-to none ${MPIRUN_ARGS:-})
+      else
+        # shellcheck disable=SC2206
+        HPCDNN_LAUNCH=(mpirun -n "${SLURM_NTASKS:-1}" ${MPIRUN_ARGS:-})
+      fi
+      ;;
+    *) hpcdnn_die "LAUNCHER=$HPCDNN_LAUNCHER is not one of auto, srun, mpirun" ;;
+  esac
+  HPCDNN_MPI=$flavor
+}
+
+# ------------------------------------------------------------------ training runs
+# hpcdnn_train_args [--key=value ...]: set RUN_DIR and HPCDNN_ARGS (the `hpcdnn train` arguments) from the knobs
+# CONFIG, DATA, RUN_DIR, EXTRA_ARGS and the script's own arguments; adds --resume when RUN_DIR has a checkpoint.
+hpcdnn_train_args() {
+  local a extra resume=auto
+  # shellcheck disable=SC2206  # EXTRA_ARGS is a list of --key=value words
+  extra=(${EXTRA_ARGS:-} "$@")
+  for a in "${extra[@]}"; do  # the run directory must be known here: preempted.json decides the requeue
+    case $a in
+      --run_dir=* | --run-dir=*) RUN_DIR=${a#*=} ;;
+      --run_dir | --run-dir) hpcdnn_die "write --run_dir=DIR (with '='), or set RUN_DIR" ;;
+      --resume) resume=given ;;
+    esac
+  done
+  RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME:-hpcdnn}-${SLURM_JOB_ID:-local}}
+  HPCDNN_ARGS=(train --config "${CONFIG:-fashion_small}" --run_dir="$RUN_DIR")
+  [ -n "${DATA:-}" ] && HPCDNN_ARGS+=(--data="$DATA")
+  [ "$THREADS" -gt 0 ] 2>/dev/null && HPCDNN_ARGS+=(--threads="$THREADS")
+  if [ $resume = auto ] && [ -f "$RUN_DIR/checkpoint.h5" ]; then
+    HPCDNN_ARGS+=(--resume)
+    hpcdnn_log "found $RUN_DIR/checkpoint.h5: resuming (restart ${SLURM_RESTART_COUNT:-0})"
+  fi
+  HPCDNN_ARGS+=("${extra[@]}")
+}
+
+# hpcdnn_run COMMAND...: run a launcher command in the background and wait for it, passing SIGUSR1 on (see the
+# top of this file); then requeue the job if the run stopped for a signal. Returns the launcher's exit code,
+# or exits 0 after a requeue.
+hpcdnn_run() {
+  local rc start marker="$RUN_DIR/preempted.json"
+  if [ -n "$_HPCDNN_SIGNAL" ]; then
+    hpcdnn_log "SIG$_HPCDNN_SIGNAL arrived during setup: requeueing without starting (the checkpoint is unchanged)"
+    hpcdnn_requeue
+  fi
+  start=$(date +%s)
+  hpcdnn_log "job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}: $*"
+  "$@" &
+  _HPCDNN_PID=$!
+  while :; do
+    _HPCDNN_TRAPPED=0
+    wait "$_HPCDNN_PID"
+    rc=$?
+    [ "$_HPCDNN_TRAPPED" = 1 ] || break  # a trapped signal interrupts `wait`: wait again for the real exit code
+  done
+  _HPCDNN_PID=
+  if [ -f "$marker" ] && [ "$(stat -c %Y "$marker")" -ge "$start" ]; then
+    hpcdnn_log "stopped by a signal (launcher exit $rc): $(cat "$marker")"
+    hpcdnn_requeue
+  fi
+  [ -n "$_HPCDNN_SIGNAL" ] && hpcdnn_log "SIG$_HPCDNN_SIGNAL arrived but the run left no $marker (launcher exit $rc): not requeueing"
+  hpcdnn_log "launcher exited $rc"
+  return "$rc"
+}
+
+hpcdnn_requeue() {  # requeue this job (it restarts with --resume) and end the batch script
+  if [ "${SLURM_RESTART_COUNT:-0}" -ge "${MAX_RESTARTS:-100}" ]; then
+    hpcdnn_log "restarted ${SLURM_RESTART_COUNT} times (MAX_RESTARTS=${MAX_RESTARTS:-100}): not requeueing; resubmit to continue"
+    exit 0
+  fi
+  hpcdnn_log "scontrol requeue $SLURM_JOB_ID (restart $((${SLURM_RESTART_COUNT:-0} + 1)) resumes from $RUN_DIR/checkpoint.h5)"
+  scontrol requeue "$SLURM_JOB_ID" || hpcdnn_die "scontrol requeue $SLURM_JOB_ID failed: resubmit the same script with RUN_DIR=$RUN_DIR to resume"
+  exit 0
+}
+
+# hpcdnn_train [--key=value ...]: the whole job for the homogeneous topologies: one launcher, SLURM_NTASKS ranks.
+hpcdnn_train() {
+  hpcdnn_launcher
+  hpcdnn_train_args "$@"
+  mkdir -p "$RUN_DIR"
+  hpcdnn_run "${HPCDNN_LAUNCH[@]}" "$PYTHON" -m mpi4py -m hpcdnn "${HPCDNN_ARGS[@]}"
+}

@@ -1,0 +1,163 @@
+"""A real Slurm for the tests in tests/slurm: brought up once per session with ../shared/ci/slurm-up.sh, down at the end.
+
+Run them with `make test-slurm` (= pytest tests/slurm -m slurm); plain `pytest` skips them. They need root (slurmd,
+munged); elsewhere they skip naming the reason. HPCDNN_SLURM_KEEP=1 leaves the cluster up afterwards (quicker reruns).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SLURM_DIR = REPO / "slurm"
+CI_DIR = Path(os.environ.get("HPCDNN_SLURM_CI", REPO.parent / "shared" / "ci"))
+VENV = Path(sys.prefix)
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slurm: submits real sbatch jobs to a Slurm brought up by ../shared/ci/slurm-up.sh (root)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slurm tests run only when asked for by marker (make test-slurm); plain `pytest` / `make test` skips them."""
+    if "slurm" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="Slurm tests run with `make test-slurm` (pytest tests/slurm -m slurm)")
+    for item in items:
+        if "slurm" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """Start the shared one-host Slurm (two slurmd 'nodes' for heterogeneous jobs, 4 CPUs each) and stop it afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("Slurm tests start slurmctld/slurmd/munged and need root (CI runs them as root)")
+    up, down = CI_DIR / "slurm-up.sh", CI_DIR / "slurm-down.sh"
+    if not up.is_file():
+        pytest.skip(f"{up} not found: set HPCDNN_SLURM_CI to the directory holding slurm-up.sh and slurm-down.sh")
+    env = {**os.environ, "SLURM_NODES": "2", "SLURM_CPUS": "4"}
+    r = subprocess.run(["bash", str(up)], capture_output=True, text=True, timeout=600, env=env)
+    if r.returncode != 0:
+        pytest.fail(f"slurm-up.sh exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    yield
+    if os.environ.get("HPCDNN_SLURM_KEEP") != "1":
+        subprocess.run(["bash", str(down)], capture_output=True, text=True, timeout=180, env=env)
+
+
+class Slurm:
+    """Submit the repository's real sbatch scripts and watch their jobs; cancels whatever it submitted at the end."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.jobs: list[str] = []
+        self.env = {
+            **os.environ,
+            "HPCDNN_HOME": str(REPO),
+            "HPCDNN_VENV": str(VENV),
+            "PATH": f"{VENV / 'bin'}:{os.environ.get('PATH', '')}",
+            "OMPI_MCA_osc": "^ucx",  # the wheel's UCX OSC component prints errors on machines without UCX devices
+        }
+
+    def sbatch(self, script: str, *args, opts: tuple = (), env: dict | None = None, wait: bool = False) -> str:
+        """sbatch [opts] slurm/<script> [args]; returns the job id. Output goes to tmp/slurm-<id>.out."""
+        cmd = ["sbatch", "--parsable", "--output", str(self.tmp / "slurm-%j.out"), *opts, str(SLURM_DIR / script), *map(str, args)]
+        if wait:
+            cmd.insert(1, "--wait")
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**self.env, **(env or {})}, cwd=self.tmp)
+        jid = r.stdout.strip().splitlines()[0].split(";")[0].split("+")[0] if r.stdout.strip() else ""
+        if jid:
+            self.jobs.append(jid)
+        if not wait:
+            assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}: {r.stderr}"
+        else:
+            self.last_rc = r.returncode
+        return jid
+
+    def show(self, jid: str) -> dict:
+        """`scontrol show job -o` of the job (its first component) as a dict; {} once Slurm has forgotten it."""
+        r = subprocess.run(["scontrol", "show", "job", "-o", jid], capture_output=True, text=True, timeout=30)
+        if r.returncode != 0 or not r.stdout.strip():
+            return {}
+        line = r.stdout.strip().splitlines()[0]
+        return dict(m.groups() for m in re.finditer(r"(\w[\w/:]*)=(\S*)", line))
+
+    def wait(self, jid: str, timeout: float, states=TERMINAL, what: str = "") -> dict:
+        """Poll until the job's state is in `states` (default: finished); fail with its output otherwise."""
+        end = time.monotonic() + timeout
+        info = {}
+        while time.monotonic() < end:
+            info = self.show(jid)
+            if info.get("JobState") in states:
+                return info
+            time.sleep(1)
+        pytest.fail(f"job {jid}{' ' + what if what else ''}: not {sorted(states)} after {timeout:.0f} s: {info.get('JobState')}\n{self.out(jid)}")
+
+    def wait_until(self, predicate, timeout: float, what: str, jid: str | None = None):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            value = predicate()
+            if value:
+                return value
+            if jid and self.show(jid).get("JobState") in TERMINAL:
+                pytest.fail(f"job {jid} ended before {what}\n{self.out(jid)}")
+            time.sleep(0.5)
+        pytest.fail(f"no {what} after {timeout:.0f} s\n{self.out(jid) if jid else ''}")
+
+    def wait_requeued(self, jid: str, timeout: float = 60, start_now: bool = True) -> dict:
+        """Wait until the job is pending again after a requeue (Restarts >= 1). Slurm holds a requeued batch job
+        for cred_expire + 1 s (31 s here) before it may start; `start_now` lifts that hold to keep the suite short."""
+        info = self.wait_until(lambda: (i := self.show(jid)).get("JobState") == "PENDING" and int(i.get("Restarts", 0)) >= 1 and i,
+                               timeout, f"requeue of job {jid}")  # fmt: skip
+        if start_now:
+            subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], check=True, timeout=30)
+        return info
+
+    def signal_batch(self, jid: str, sig: str = "USR1") -> None:
+        """What --signal=B:USR1@lead does at the lead time: signal the batch shell (only it, not its children)."""
+        subprocess.run(["scancel", f"--signal={sig}", "--batch", jid], check=True, timeout=30)
+
+    def out(self, jid: str | None) -> str:
+        p = self.tmp / f"slurm-{jid}.out"
+        return f"--- {p}:\n{p.read_text()[-6000:]}" if p.exists() else f"(no {p})"
+
+    def cancel_all(self) -> None:
+        for jid in self.jobs:
+            if self.show(jid).get("JobState") not in TERMINAL | {""}:
+                subprocess.run(["scancel", jid], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def slurm(cluster, tmp_path):
+    s = Slurm(tmp_path)
+    yield s
+    s.cancel_all()
+
+
+@pytest.fixture(scope="session")
+def idx_input(tmp_path_factory):
+    """MNIST-style IDX files (600 train, 100 test, 28x28, 10 classes), real files made by tests/fakes.py."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from fakes import make_idx_dataset
+
+    d = tmp_path_factory.mktemp("idx")
+    make_idx_dataset(d, n_train=600, n_test=100, seed=1)
+    return d
+
+
+@pytest.fixture(scope="session")
+def dataset(idx_input, tmp_path_factory):
+    """The IDX input sharded by a serial in-process data-prep run: the training jobs' data and the array's reference."""
+    from data_prep.cli import main
+
+    out = tmp_path_factory.mktemp("data") / "idx"
+    assert main(["idx", "--dir", str(idx_input), "--out", str(out), "--shard-size", "50"]) == 0
+    return out
