@@ -1,0 +1,206 @@
+"""Synchronous data-parallel SGD: every replica's flat gradient is averaged over `comm` in buckets (Horovod/DDP style).
+
+    flat = FlatParams(model); ar = GradAllreduce(flat, comm=roles.group, bucket_mb=cfg.bucket_mb)
+    ar.broadcast_parameters(root=0)                  # once, after building (or loading) the model: identical replicas
+    flat.zero_grad(); loss.backward(); ar.synchronize(); opt.step(lr)    # every step; ar.close() at the end
+
+`flat.grad` is one contiguous float32 vector, so a bucket is a slice of it: consecutive parameters in reverse layout
+order (backward produces the last layer's gradient first), closed once it holds `bucket_mb` MiB (a parameter larger
+than that gets a bucket of its own), reduced in place with `MPI.IN_PLACE` and then divided by the number of ranks.
+No copies, no packing. Buckets are always started in the same order on every rank, and on a private duplicate of
+`comm`, so the collectives match whatever the caller does with `comm` in between.
+
+Overlap (`overlap=True`): a `register_post_accumulate_grad_hook` on every parameter counts the gradients that have
+arrived; when a bucket is complete (and all before it have started) its `Iallreduce` starts while backward goes on,
+and each later hook calls `Testall` to progress it (Open MPI's libnbc and MPICH's shared-memory path only advance a
+non-blocking collective inside MPI calls). `synchronize()` starts what is left (parameters without a gradient never
+fire their hook) and waits. Without overlap, `synchronize()` reduces the whole vector in ONE blocking Allreduce: MPI
+pipelines a large message itself, and buckets only add calls (AlexNet, Open MPI: 108 ms vs 122 ms in 3 buckets).
+
+Default (`overlap=None`): on for MPICH, off for every other MPI. Measured with bench/allreduce.py on this 2-core
+machine (2 ranks x 1 torch thread, interleaved repeats, ratios within one run; the machine was shared, so rates vary):
+alexnet_small (3 MB of gradient, ~1 ms to reduce in a ~90 ms step) runs as fast either way (overlap/blocking
+0.99-1.02x, both MPIs). AlexNet at batch 8 per rank (233 MB; buckets of 80, 144 and 9 MiB): with Open MPI overlap
+is slower, 0.82-0.95x, because libnbc's Iallreduce alone takes twice its blocking Allreduce (245 vs 108 ms quiet,
+1338 vs 605 ms loaded); with MPICH it is faster, 1.04-1.08x, its Iallreduce being as fast as its Allreduce (343 vs
+399 ms). No core is idle here, so the reduction's copies compete with backward either way; overlap hides only the
+waiting. Pass overlap=True where a NIC or a spare core progresses collectives (multi-node, hardware offload).
+
+CUDA: with a CUDA-aware MPI (`MPIX_Query_cuda_support()`, or HPCDNN_CUDA_AWARE_MPI=1) the device slices go to MPI
+directly, else each bucket is staged through one pinned host buffer (the device-to-host copies of all buckets are
+queued first, so the copy of bucket i+1 runs while bucket i is reduced). On CUDA the reduction always starts in
+`synchronize()` after one stream synchronisation: hooks fire when kernels are queued, not when they finish.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+from mpi4py import MPI
+
+from hpcdnn.models.flat import FlatParams
+
+MIB = 1 << 20
+CUDA_AWARE_ENV = "HPCDNN_CUDA_AWARE_MPI"
+
+
+def cuda_aware_mpi() -> bool:
+    """True if the MPI library takes CUDA device buffers: HPCDNN_CUDA_AWARE_MPI=0/1 decides, else MPIX_Query_cuda_support()."""
+    env = os.environ.get(CUDA_AWARE_ENV)
+    if env is not None:
+        return env.strip().lower() not in ("", "0", "false", "no")
+    try:  # dlsym on mpi4py's extension also searches the libmpi it links (Open MPI and MPICH both export this)
+        query = ctypes.CDLL(MPI.__file__).MPIX_Query_cuda_support
+    except (OSError, AttributeError):
+        return False
+    query.restype = ctypes.c_int
+    return bool(query())
+
+
+def make_buckets(flat: FlatParams, bucket_mb: float) -> list[tuple[int, int, list[int]]]:
+    """(start, stop, parameter indices) per bucket, last layer first; each slice includes its parameters' padding."""
+    if not bucket_mb > 0:
+        raise ValueError(f"bucket_mb must be > 0, not {bucket_mb} (25 is DDP's default; a huge value gives one bucket)")
+    cap = bucket_mb * MIB
+    offsets = [off for _, off, _ in flat.layout] + [flat.numel]
+    buckets, members = [], []
+    for i in reversed(range(len(flat.layout))):
+        members.append(i)
+        if (offsets[members[0] + 1] - offsets[i]) * flat.grad.element_size() >= cap or i == 0:
+            buckets.append((offsets[i], offsets[members[0] + 1], members))
+            members = []
+    return buckets
+
+
+class GradAllreduce:
+    """Average FlatParams.grad over `comm` in buckets; optionally start each bucket from backward (overlap)."""
+
+    def __init__(self, flat: FlatParams, comm, bucket_mb: float = 25.0, overlap: bool | None = None) -> None:
+        self.flat = flat
+        self.comm = comm.Dup()  # private: our (non-blocking) collectives never interleave with the caller's
+        self.size = self.comm.Get_size()
+        self.buckets = make_buckets(flat, bucket_mb)
+        self.device = flat.grad.device
+        self.cuda = self.device.type == "cuda"
+        if overlap is None:  # measured default (module docstring): only MPICH's Iallreduce is as fast as its Allreduce
+            overlap = "MPICH" in MPI.Get_library_version()
+        self.overlap = overlap and not self.cuda
+        self.cuda_aware = self.cuda and cuda_aware_mpi()
+        self._host = torch.empty(flat.numel, dtype=torch.float32, pin_memory=True) if self.cuda and not self.cuda_aware else None
+        self._bucket_of = [0] * len(flat.layout)
+        for b, (_, _, members) in enumerate(self.buckets):
+            for i in members:
+                self._bucket_of[i] = b
+        self._requests: list[MPI.Request] = []
+        self._error = ""  # name of a parameter whose gradient arrived twice before synchronize()
+        self._hooks = []
+        self.early = 0  # buckets started from backward hooks in the current step
+        self.last_early = 0  # ... and in the last synchronized step (0 without overlap)
+        self._reset()
+        if self.overlap:
+            for i, p in enumerate(flat._params):
+                if p.requires_grad:  # frozen parameters never fire: synchronize() starts their buckets
+                    self._hooks.append(p.register_post_accumulate_grad_hook(lambda _p, i=i: self._on_grad(i)))
+
+    def _reset(self) -> None:
+        self._pending = [len(members) for _, _, members in self.buckets]
+        self._next = 0  # buckets start strictly in order, so every rank issues the same sequence of collectives
+
+    def _live(self) -> FlatParams:
+        if self.comm == MPI.COMM_NULL:
+            raise RuntimeError("this GradAllreduce was closed; create a new one (collective over the workers)")
+        return self.flat
+
+    def _buffer(self, tensor: torch.Tensor):
+        """What MPI reads and writes: a zero-copy numpy view on CPU, the tensor itself for a CUDA-aware MPI."""
+        return tensor.detach().numpy() if tensor.device.type == "cpu" else tensor.detach()
+
+    # ---- overlap: called by autograd after a parameter's gradient is accumulated into its view of flat.grad
+    def _on_grad(self, i: int) -> None:
+        b = self._bucket_of[i]
+        self._pending[b] -= 1
+        if self._pending[b] < 0:
+            self._error = self._error or self.flat.layout[i][0]
+        while self._next < len(self.buckets) and self._pending[self._next] == 0:
+            start, stop, _ = self.buckets[self._next]
+            self._requests.append(self.comm.Iallreduce(MPI.IN_PLACE, self._buffer(self.flat.grad[start:stop]), MPI.SUM))
+            self._next += 1
+            self.early += 1
+        if self._requests:
+            MPI.Request.Testall(self._requests)  # progress what is in flight (MPI advances it only inside calls)
+
+    # ---- public API
+    def broadcast_parameters(self, root: int = 0) -> None:
+        """Make flat.data on every rank a copy of root's (collective): call once after building or loading the model."""
+        data = self._live().data
+        if self._host is not None:
+            self._host.copy_(data)
+            self.comm.Bcast(self._host.numpy(), root=root)
+            data.copy_(self._host)
+        else:
+            if self.cuda:
+                torch.cuda.current_stream(self.device).synchronize()
+            self.comm.Bcast(self._buffer(data), root=root)
+
+    def synchronize(self) -> None:
+        """After loss.backward(): sum every bucket over the ranks and divide by their number (collective).
+
+        flat.grad then holds the mean gradient, identical on every rank. One backward per synchronize(): a second
+        backward would add into buckets already in flight, which raises RuntimeError here (on every rank).
+        """
+        grad = self._live().grad
+        if self.cuda:
+            self._synchronize_cuda(grad)
+        elif self.overlap:
+            while self._next < len(self.buckets):
+                start, stop, _ = self.buckets[self._next]
+                self._requests.append(self.comm.Iallreduce(MPI.IN_PLACE, self._buffer(grad[start:stop]), MPI.SUM))
+                self._next += 1
+            MPI.Request.Waitall(self._requests)
+        else:  # one call: MPI pipelines a large message itself, and each extra bucket costs a call (see the docstring)
+            self.comm.Allreduce(MPI.IN_PLACE, self._buffer(grad), MPI.SUM)
+        if self.size > 1:
+            grad.div_(self.size)
+        self._requests, error, self._error = [], self._error, ""
+        self.last_early, self.early = self.early, 0
+        self._reset()
+        if error:
+            raise RuntimeError(
+                f"parameter {error!r} received a gradient after its bucket was already being reduced: call "
+                "GradAllreduce.synchronize() after every backward (accumulate over micro-batches with overlap=False)"
+            )
+
+    def _synchronize_cuda(self, grad: torch.Tensor) -> None:
+        """Reduce the device gradient: directly with a CUDA-aware MPI, else pipelined through the pinned host buffer."""
+        stream = torch.cuda.current_stream(self.device)
+        if self._host is None:
+            stream.synchronize()  # the gradient kernels have finished before MPI reads device memory
+            for start, stop, _ in self.buckets:
+                self.comm.Allreduce(MPI.IN_PLACE, self._buffer(grad[start:stop]), MPI.SUM)
+            return
+        events = []
+        for start, stop, _ in self.buckets:  # queue every device-to-host copy; each bucket waits only for its own
+            self._host[start:stop].copy_(grad[start:stop], non_blocking=True)
+            events.append(torch.cuda.Event())
+            events[-1].record(stream)
+        for (start, stop, _), event in zip(self.buckets, events):  # copies in both directions overlap the reductions
+            event.synchronize()
+            self.comm.Allreduce(MPI.IN_PLACE, self._host[start:stop].numpy(), MPI.SUM)
+            grad[start:stop].copy_(self._host[start:stop], non_blocking=True)  # queued after every d2h, before the optimizer
+
+    def close(self) -> None:
+        """Remove the hooks, finish anything in flight, free the private communicator (collective). Idempotent."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self.comm != MPI.COMM_NULL:
+            MPI.Request.Waitall(self._requests)
+            self._requests = []
+            self.comm.Free()
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{(stop - start) * self.flat.grad.element_size() / MIB:.2f}" for start, stop, _ in self.buckets)
+        mode = "overlap" if self.overlap else ("cuda-aware" if self.cuda_aware else "staged" if self.cuda else "blocking")
+        return f"GradAllreduce({self.size} ranks, {len(self.buckets)} buckets [{sizes}] MiB, {mode})"
