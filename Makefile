@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 FASHION := /usr/share/datasets/fashion-mnist
 DATA ?= data
 
-.PHONY: install demo test test-mpi lint format bench bench-prep fashion-mnist clean
+.PHONY: install demo test test-mpi test-slurm lint format bench bench-prep fashion-mnist clean
 
 install: $(BIN)/.installed
 
@@ -41,6 +41,11 @@ test: install
 
 test-mpi: install
 	$(BIN)/python -m pytest -q -m mpi
+
+# Real Slurm (needs root): tests/slurm brings up a one-host Slurm with ../shared/ci/slurm-up.sh (installing it when
+# missing), submits the slurm/*.sbatch scripts with tiny configs, and stops it again (HPCDNN_SLURM_KEEP=1 keeps it up).
+test-slurm: install
+	$(BIN)/python -m pytest -q -m slurm --timeout=900 tests/slurm
 
 lint: install
 	$(BIN)/ruff check hpcdnn data_prep tests bench

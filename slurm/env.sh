@@ -147,7 +147,8 @@ hpcdnn_train_args() {
 # top of this file); then requeue the job if the run stopped for a signal. Returns the launcher's exit code,
 # or exits 0 after a requeue.
 hpcdnn_run() {
-  local rc start marker="$RUN_DIR/preempted.json"
+  local rc start prev now marker="$RUN_DIR/preempted.json"
+  prev=$(_hpcdnn_step "$marker")  # the step the last preempted run of this RUN_DIR stopped at (if any)
   if [ -n "$_HPCDNN_SIGNAL" ]; then
     hpcdnn_log "SIG$_HPCDNN_SIGNAL arrived during setup: requeueing without starting (the checkpoint is unchanged)"
     hpcdnn_requeue
@@ -164,13 +165,21 @@ hpcdnn_run() {
   done
   _HPCDNN_PID=
   if [ -f "$marker" ] && [ "$(stat -c %Y "$marker")" -ge "$start" ]; then
-    hpcdnn_log "stopped by a signal (launcher exit $rc): $(cat "$marker")"
+    now=$(_hpcdnn_step "$marker")
+    hpcdnn_log "stopped by a signal at step ${now:-?} (launcher exit $rc)"
+    if [ -n "$prev" ] && [ -n "$now" ] && [ "$now" -le "$prev" ]; then
+      hpcdnn_log "ERROR: no progress since the last restart (stopped at step $now again): the signal comes too early -"
+      hpcdnn_log "raise --time or lower the --signal lead; not requeueing. Resubmit with RUN_DIR=$RUN_DIR to resume."
+      exit 1
+    fi
     hpcdnn_requeue
   fi
   [ -n "$_HPCDNN_SIGNAL" ] && hpcdnn_log "SIG$_HPCDNN_SIGNAL arrived but the run left no $marker (launcher exit $rc): not requeueing"
   hpcdnn_log "launcher exited $rc"
   return "$rc"
 }
+
+_hpcdnn_step() { [ -f "$1" ] && sed -n 's/.*"step": *\([0-9]*\).*/\1/p' "$1" | head -1; }
 
 hpcdnn_requeue() {  # requeue this job (it restarts with --resume) and end the batch script
   if [ "${SLURM_RESTART_COUNT:-0}" -ge "${MAX_RESTARTS:-100}" ]; then

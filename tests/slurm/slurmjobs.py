@@ -1,7 +1,11 @@
-"""A real Slurm for the tests in tests/slurm: brought up once per session with ../shared/ci/slurm-up.sh, down at the end.
+"""Fixtures for tests/slurm: a real Slurm brought up once per session with ../shared/ci/slurm-up.sh, down at the end.
 
-Run them with `make test-slurm` (= pytest tests/slurm -m slurm); plain `pytest` skips them. They need root (slurmd,
-munged); elsewhere they skip naming the reason. HPCDNN_SLURM_KEEP=1 leaves the cluster up afterwards (quicker reruns).
+Run the tests with `make test-slurm` (= pytest -m slurm tests/slurm); plain `pytest` skips them (the `cluster` fixture
+checks the -m expression). They need root (slurmd, munged); elsewhere they skip naming the reason.
+HPCDNN_SLURM_KEEP=1 leaves the cluster up afterwards (quicker reruns).
+
+Why not tests/slurm/conftest.py: tests/*.py do `from conftest import ...`, and pytest drops sys.modules["conftest"]
+before importing a second conftest.py, so theirs would resolve to this one. Test modules import these fixtures.
 """
 
 from __future__ import annotations
@@ -19,26 +23,15 @@ REPO = Path(__file__).resolve().parents[2]
 SLURM_DIR = REPO / "slurm"
 CI_DIR = Path(os.environ.get("HPCDNN_SLURM_CI", REPO.parent / "shared" / "ci"))
 VENV = Path(sys.prefix)
+__all__ = ["cluster", "slurm", "idx_input", "dataset"]  # what test modules take with `from slurmjobs import *`
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slurm: submits real sbatch jobs to a Slurm brought up by ../shared/ci/slurm-up.sh (root)")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Slurm tests run only when asked for by marker (make test-slurm); plain `pytest` / `make test` skips them."""
-    if "slurm" in (config.getoption("-m") or ""):
-        return
-    skip = pytest.mark.skip(reason="Slurm tests run with `make test-slurm` (pytest tests/slurm -m slurm)")
-    for item in items:
-        if "slurm" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture(scope="session")
-def cluster():
+def cluster(request):
     """Start the shared one-host Slurm (two slurmd 'nodes' for heterogeneous jobs, 4 CPUs each) and stop it afterwards."""
+    if "slurm" not in (request.config.getoption("-m") or ""):
+        pytest.skip("Slurm tests run with `make test-slurm` (pytest -m slurm tests/slurm)")
     if os.geteuid() != 0:
         pytest.skip("Slurm tests start slurmctld/slurmd/munged and need root (CI runs them as root)")
     up, down = CI_DIR / "slurm-up.sh", CI_DIR / "slurm-down.sh"
@@ -67,19 +60,16 @@ class Slurm:
             "OMPI_MCA_osc": "^ucx",  # the wheel's UCX OSC component prints errors on machines without UCX devices
         }
 
-    def sbatch(self, script: str, *args, opts: tuple = (), env: dict | None = None, wait: bool = False) -> str:
-        """sbatch [opts] slurm/<script> [args]; returns the job id. Output goes to tmp/slurm-<id>.out."""
+    def sbatch(self, script: str, *args, opts: tuple = (), env: dict | None = None, wait: float = 0) -> str:
+        """sbatch [opts] slurm/<script> [args]; returns the job id. Output goes to tmp/slurm-<id>.out. With `wait` (seconds),
+        poll until the job has finished (sbatch --wait polls Slurm at growing intervals, up to 30 s late)."""
         cmd = ["sbatch", "--parsable", "--output", str(self.tmp / "slurm-%j.out"), *opts, str(SLURM_DIR / script), *map(str, args)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**self.env, **(env or {})}, cwd=self.tmp)
+        assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}: {r.stderr}"
+        jid = r.stdout.strip().split(";")[0].split("+")[0]
+        self.jobs.append(jid)
         if wait:
-            cmd.insert(1, "--wait")
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**self.env, **(env or {})}, cwd=self.tmp)
-        jid = r.stdout.strip().splitlines()[0].split(";")[0].split("+")[0] if r.stdout.strip() else ""
-        if jid:
-            self.jobs.append(jid)
-        if not wait:
-            assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}: {r.stderr}"
-        else:
-            self.last_rc = r.returncode
+            self.wait(jid, wait)
         return jid
 
     def show(self, jid: str) -> dict:
@@ -99,7 +89,9 @@ class Slurm:
             if info.get("JobState") in states:
                 return info
             time.sleep(1)
-        pytest.fail(f"job {jid}{' ' + what if what else ''}: not {sorted(states)} after {timeout:.0f} s: {info.get('JobState')}\n{self.out(jid)}")
+        pytest.fail(
+            f"job {jid}{' ' + what if what else ''}: not {sorted(states)} after {timeout:.0f} s: {info.get('JobState')}\n{self.out(jid)}"
+        )
 
     def wait_until(self, predicate, timeout: float, what: str, jid: str | None = None):
         end = time.monotonic() + timeout
@@ -112,14 +104,11 @@ class Slurm:
             time.sleep(0.5)
         pytest.fail(f"no {what} after {timeout:.0f} s\n{self.out(jid) if jid else ''}")
 
-    def wait_requeued(self, jid: str, timeout: float = 60, start_now: bool = True) -> dict:
-        """Wait until the job is pending again after a requeue (Restarts >= 1). Slurm holds a requeued batch job
-        for cred_expire + 1 s (31 s here) before it may start; `start_now` lifts that hold to keep the suite short."""
-        info = self.wait_until(lambda: (i := self.show(jid)).get("JobState") == "PENDING" and int(i.get("Restarts", 0)) >= 1 and i,
+    def wait_requeued(self, jid: str, timeout: float = 60) -> dict:
+        """Wait until the job is pending again after a requeue (Restarts >= 1). Slurm then holds it for cred_expire + 1 s
+        (31 s with slurm-up.sh's cred_expire=30; starting it earlier fails with 'Job credential revoked')."""
+        return self.wait_until(lambda: (i := self.show(jid)).get("JobState") == "PENDING" and int(i.get("Restarts", 0)) >= 1 and i,
                                timeout, f"requeue of job {jid}")  # fmt: skip
-        if start_now:
-            subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], check=True, timeout=30)
-        return info
 
     def signal_batch(self, jid: str, sig: str = "USR1") -> None:
         """What --signal=B:USR1@lead does at the lead time: signal the batch shell (only it, not its children)."""
@@ -143,7 +132,7 @@ def slurm(cluster, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def idx_input(tmp_path_factory):
+def idx_input(cluster, tmp_path_factory):
     """MNIST-style IDX files (600 train, 100 test, 28x28, 10 classes), real files made by tests/fakes.py."""
     sys.path.insert(0, str(REPO / "tests"))
     from fakes import make_idx_dataset
