@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from hpcdnn.config import load_config
@@ -18,6 +19,10 @@ from hpcdnn.config import load_config
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from hpcdnn import stop
+
+        stop.install()  # before torch, MPI and the data are loaded: a USR1 during start-up must not kill the rank
     parser = argparse.ArgumentParser(prog="hpcdnn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="train a model (topology local); any Config field as --key=value")
@@ -46,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
                 from mpi4py import MPI
 
                 comm = MPI.COMM_WORLD
+                tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+                if comm.Get_size() == 1 and tasks > 1 and "SLURM_STEP_ID" in os.environ:
+                    raise ValueError(
+                        f"this is a one-rank MPI job but Slurm started {tasks} tasks: the launcher did not wire them into one "
+                        "job (Open MPI under srun needs --mpi=pmix; see `srun --mpi=list`), or use mpirun inside the allocation"
+                    )
             train(cfg, resume=args.resume, comm=comm)
         elif rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

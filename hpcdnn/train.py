@@ -18,8 +18,6 @@ writes a checkpoint and run_dir/preempted.json, and the run exits 0; `--resume` 
 from __future__ import annotations
 
 import os
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from hpcdnn import checkpoint as ck
+from hpcdnn import stop as stopsig
 from hpcdnn.atomic import write_bytes, write_json
 from hpcdnn.config import Config, apply
 from hpcdnn.data.loader import ShardLoader
@@ -38,6 +37,7 @@ from hpcdnn.models import build_model, default_model
 from hpcdnn.models.flat import FlatParams
 from hpcdnn.mpi.roles import set_threads
 from hpcdnn.optim import Schedule
+from hpcdnn.stop import StopSignal  # noqa: F401  (sandblaster.py imports it from here)
 from hpcdnn.topology import Allreduce, Downpour, Local, restore_servers
 
 # keys that may differ between a run and its resumption (they do not change the trajectory)
@@ -45,32 +45,23 @@ RESUMABLE = {"epochs", "max_steps", "log_every", "checkpoint_every", "eval_ten_c
 PREEMPTED = "preempted.json"
 
 
-class StopSignal:
-    """Remembers SIGUSR1/SIGTERM instead of dying, so the loop can stop at a step boundary and checkpoint."""
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.old = {}
-        if threading.current_thread() is threading.main_thread():
-            self.old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    def close(self) -> None:
-        for s, h in self.old.items():
-            signal.signal(s, h)
-
-
-def pick_device(name: str) -> torch.device:
-    """CUDA when present (or asked for), else CPU; never hard-coded."""
+def pick_device(name: str, local: int = 0) -> torch.device:
+    """CUDA when present (or asked for), else CPU; never hard-coded. Ranks sharing a node take GPUs round-robin."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device={name} but torch sees no CUDA device; use --device=auto or cpu")
     return torch.device(name)
+
+
+def local_rank(comm) -> int:
+    """This rank's index among the ranks of `comm` on the same node (collective)."""
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    rank = node.Get_rank()
+    node.Free()
+    return rank
 
 
 def resolve(cfg: Config, manifest: dict) -> tuple[str, str, int]:
@@ -122,12 +113,12 @@ def train(cfg: Config, resume: bool = False, comm=None) -> dict:
             raise ValueError(f"--topology={cfg.topology} runs under MPI: mpirun -n N python -m mpi4py -m hpcdnn train ...")
         roles = split_roles(comm, cfg.servers if cfg.topology == "downpour" else 0, cfg.placement)
     is_root, is_server = roles is None or roles.is_root, roles is not None and roles.is_server
-    stop = StopSignal()  # from here on SIGUSR1/SIGTERM only set a flag, on every rank (servers too: they end with the workers)
+    stop = stopsig.install()  # from here on SIGUSR1/SIGTERM only set a flag, on every rank (servers too: they end with the workers)
     rank, world = (roles.index, len(roles.workers)) if roles and not is_server else (0, 1)
     run_dir = Path(cfg.run_dir)
     if is_root:
         run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cpu") if is_server else pick_device(cfg.device)
+    device = torch.device("cpu") if is_server else pick_device(cfg.device, local_rank(comm) if roles else 0)
     threads = cfg.threads
     if not threads:
         from hpcdnn.mpi.roles import threads_per_rank

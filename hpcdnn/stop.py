@@ -1,0 +1,44 @@
+"""SIGUSR1/SIGTERM become a flag, so a run stops at a step boundary with a checkpoint instead of dying.
+
+Slurm's `--signal=B:USR1@lead` (forwarded to the ranks by mpirun or srun), preemption and time limits end a job
+with a signal. `install()` is called first thing by the CLI (a signal during imports, MPI start-up or data
+loading must not kill a rank either) and again by the drivers, which get the same object and poll `.received`.
+This module imports nothing heavy on purpose.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+_current: StopSignal | None = None
+
+
+class StopSignal:
+    """Remembers the last SIGUSR1/SIGTERM received (`received`); `close()` puts the previous handlers back."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.old = {}
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self._handle) for s in SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def close(self) -> None:
+        global _current
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        self.old = {}
+        if _current is self:
+            _current = None
+
+
+def install() -> StopSignal:
+    """The process's StopSignal, created (and the handlers installed) on first use."""
+    global _current
+    if _current is None:
+        _current = StopSignal()
+    return _current
