@@ -83,7 +83,7 @@ def run_rank(args: argparse.Namespace) -> None:
         return build_model(args.model, classes, shape, crop)
 
     steps: dict[str, Callable[[], None]] = {}
-    reducers, flats = {}, {}
+    reducers, flats, sync_ms = {}, {}, {"blocking": [], "overlap": []}
     for mode in ("blocking", "overlap"):
         model = fresh()
         flat = FlatParams(model)
@@ -91,10 +91,12 @@ def run_rank(args: argparse.Namespace) -> None:
         ar.broadcast_parameters()
         opt = FlatOptimizer("sgd", flat.data, flat.grad, momentum=momentum, weight_decay=wd, eps=1e-10)
 
-        def ours(model=model, flat=flat, ar=ar, opt=opt) -> None:
+        def ours(model=model, flat=flat, ar=ar, opt=opt, times=sync_ms[mode]) -> None:
             flat.zero_grad()
             F.cross_entropy(model(x), y).backward()
-            ar.synchronize()
+            t0 = time.perf_counter()
+            ar.synchronize()  # includes waiting for the slowest rank's backward
+            times.append(1e3 * (time.perf_counter() - t0))
             opt.step(lr)
 
         steps[mode], reducers[mode], flats[mode] = ours, ar, flat
@@ -167,6 +169,8 @@ def run_rank(args: argparse.Namespace) -> None:
     overlap_gain = statistics.median(a / b for a, b in zip(samples["overlap"], samples["blocking"]))
     print(f"\nours/DDP = {paired['blocking']:.2f}x blocking, {paired['overlap']:.2f}x overlap (medians of ratios within a repeat; goal >= 1.0x); "
           f"overlap/blocking = {overlap_gain:.2f}x; overlap started {early} of {len(reducers['overlap'].buckets)} bucket(s) during backward")  # fmt: skip
+    print(f"time in synchronize() per step on rank 0 (reduction + waiting for the other ranks), median: "
+          f"{statistics.median(sync_ms['blocking']):.1f} ms blocking, {statistics.median(sync_ms['overlap']):.1f} ms overlap")  # fmt: skip
     print(f"replicas bitwise identical across ranks: {'yes' if all(d == identical[0] for d in identical) else 'NO'}\n")
     print(f"{'reduction alone (' + f'{g.nbytes / 2**20:.1f} MiB' + ')':<42} {'ms':>8} {'GB/s':>7}")
     for k, v in op_ms.items():
