@@ -118,7 +118,8 @@ def train(cfg: Config, resume: bool = False, comm=None) -> dict:
     run_dir = Path(cfg.run_dir)
     if is_root:
         run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cpu") if is_server else pick_device(cfg.device, local_rank(comm) if roles else 0)
+    node_rank = local_rank(comm) if roles else 0  # collective: every rank, servers too
+    device = torch.device("cpu") if is_server else pick_device(cfg.device, node_rank)
     threads = cfg.threads
     if not threads:
         from hpcdnn.mpi.roles import threads_per_rank
