@@ -55,10 +55,13 @@ format: install
 	$(BIN)/ruff check --fix hpcdnn data_prep tests bench
 	$(BIN)/ruff format hpcdnn data_prep tests bench
 
-bench: bench-prep install
+bench: bench-prep install fashion-mnist
+	test -f $(DATA)/fashion-mnist/manifest.json || $(BIN)/data-prep idx --dir $(FASHION) --out $(DATA)/fashion-mnist --shard-size 8192
 	$(BIN)/python bench/kernels.py
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/model.py
+	$(BIN)/python bench/downpour.py
+	$(BIN)/python bench/allreduce.py
 
 bench-prep: install
 	$(BIN)/python bench/prep.py
