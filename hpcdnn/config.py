@@ -65,7 +65,7 @@ class Config:
     sb_chunk: int = 64  # samples per forward/backward inside a portion; a rank drops a portion finished elsewhere between chunks
     sb_dynamic: bool = True  # claim portions from the coordinator's counter, with backup tasks; false = static equal split (baseline)
     sb_backup_after: float = 0.5  # an idle rank re-runs an unfinished portion after waiting this many of its mean portion times
-    sb_line_search: str = "armijo"  # armijo (backtracking to sufficient decrease) | none (fixed step sb_step, torch LBFGS's default)
+    sb_line_search: str = "wolfe"  # wolfe (weak Wolfe: steps may grow or shrink) | armijo (backtracking) | none (fixed sb_step)
     sb_step: float = 1.0  # first trial step of the line search (1 = the quasi-Newton step); the fixed step with sb_line_search=none
     sb_ls_max: int = 10  # evaluations per line search before the step is rejected and the history dropped
     sb_batch_iters: int = 4  # L-BFGS iterations on one batch before the next batch is drawn (Ngiam et al. 2011)
@@ -83,7 +83,7 @@ class Config:
             "placement": ("first", "last", "env"),
             "staleness_policy": ("drop", "scale"),
             "model": ("auto", "alexnet", "alexnet_small"),
-            "sb_line_search": ("armijo", "none"),
+            "sb_line_search": ("wolfe", "armijo", "none"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -30,7 +30,7 @@ def basis(rows: int, n: int, dtype=np.float32, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_gram_matches_numpy(variant, dtype):
-    n = 3 * lbfgs.BLOCK + 1037 if variant != "py_func" else 2 * lbfgs.BLOCK + 37  # py_func is plain Python: smaller
+    n = 3 * lbfgs.BLOCK + 1037 if variant != "py_func" else lbfgs.BLOCK + 37  # py_func is plain Python: smaller
     V = basis(7, n, dtype)
     rows = [5, 0, 6]
     got = gram(V, rows, backend="torch" if variant == "torch" else "numba")
@@ -55,7 +55,7 @@ def test_gram_independent_of_threads():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_lincomb_matches_numpy(variant, dtype):
-    n = 2 * lbfgs.BLOCK + 555
+    n = 2 * lbfgs.BLOCK + 555 if variant != "py_func" else lbfgs.BLOCK + 555
     V = basis(6, n, dtype, seed=1)
     coef = np.array([0.5, 0.0, -2.0, 1e-3, 3.0, 0.0])
     V[1] = np.nan  # a row with coefficient 0 is skipped, never multiplied (an unused history slot may hold anything)
@@ -129,3 +129,68 @@ def test_plain_two_loop_matches_torch_lbfgs_loop():
         be_i = torch.tensor(Y[i]).dot(r) * ro[i]
         r.add_(torch.tensor(S[i]), alpha=al[i] - be_i)
     np.testing.assert_allclose(d_ref, r.numpy(), rtol=1e-12)
+
+
+class Quadratic:
+    """f(x) = 0.5 x.A x - b.x with counted evaluations at the shared vector x (what the line search moves)."""
+
+    def __init__(self, n: int = 20, seed: int = 0, dtype=np.float64):
+        rng = np.random.default_rng(seed)
+        Q = rng.standard_normal((n, n))
+        self.A, self.b = Q @ Q.T / n + np.eye(n), rng.standard_normal(n)
+        self.x = np.zeros(n, dtype)
+        self.evals = 0
+
+    def __call__(self):
+        self.evals += 1
+        x = self.x.astype(np.float64)
+        return 0.5 * x @ self.A @ x - self.b @ x, (self.A @ x - self.b).astype(self.x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_line_search_modes(dtype):
+    from hpcdnn.kernels.lbfgs import line_search
+
+    q = Quadratic(dtype=dtype)
+    f0, g0 = q()
+    d = (-g0).astype(dtype)
+    gtd = float(g0.astype(np.float64) @ d)
+    exact = -gtd / float(d.astype(np.float64) @ q.A @ d)  # the minimiser along d
+
+    q.evals = 0
+    step = line_search(q, q.x, d, f0, gtd, 1e-3 * exact, mode="none")
+    assert step.ok and step.t == 1e-3 * exact and q.evals == step.evals == 1
+    np.testing.assert_allclose(q.x, 1e-3 * exact * d, rtol=1e-6)
+
+    for t0, mode in ((1e-3 * exact, "wolfe"), (50 * exact, "wolfe"), (50 * exact, "armijo")):
+        q.x[:] = 0
+        q.evals = 0
+        step = line_search(q, q.x, d, f0, gtd, t0, mode=mode, slope=lambda g: float(g.astype(np.float64) @ d))
+        assert step.ok and q.evals == step.evals
+        np.testing.assert_allclose(q.x, step.t * d, rtol=1e-6)
+        assert step.f <= f0 + 1e-4 * step.t * gtd  # sufficient decrease
+        if mode == "wolfe":
+            assert float(step.g.astype(np.float64) @ d) >= 0.9 * gtd  # curvature condition
+            assert step.t > 1e-2 * exact  # a timid first step was lengthened, not accepted
+        else:
+            assert step.t < 50 * exact and step.evals > 1  # a too long first step was shortened
+
+
+def test_line_search_failure_restores_x_and_wolfe_needs_a_slope():
+    from hpcdnn.kernels.lbfgs import line_search
+
+    x = np.ones(5)
+    calls = []
+
+    def nan_everywhere():
+        calls.append(x.copy())
+        return float("nan"), np.full(5, np.nan)
+
+    step = line_search(nan_everywhere, x, -np.ones(5), 1.0, -5.0, 1.0, mode="armijo", max_evals=4)
+    assert not step.ok and step.t == 0.0 and step.g is None and len(calls) == 4
+    np.testing.assert_array_equal(x, np.ones(5))  # back where it started
+    assert calls[0][0] < calls[1][0] < calls[2][0] < 1  # it backtracked: x moved less each time
+    with pytest.raises(ValueError, match="slope="):
+        line_search(nan_everywhere, x, -np.ones(5), 1.0, -5.0, 1.0, mode="wolfe")
+    with pytest.raises(ValueError, match="armijo, wolfe or none"):
+        line_search(nan_everywhere, x, -np.ones(5), 1.0, -5.0, 1.0, mode="strong")

@@ -9,15 +9,20 @@ The basis lives in one matrix V (rows: s slots, y slots, g); `gram(V, rows)` ret
 Numba kernels (CPU) sum each dot product in fixed blocks of BLOCK elements and add the block sums in block order, so
 the result does not depend on the thread count; the torch twins (CUDA tensors, or backend="torch") are float64
 matmuls. `two_loop_reference` is the textbook recursion on vectors (torch.optim.LBFGS's loop), for tests.
+`line_search` (fixed step, Armijo, weak Wolfe) moves x along d; the objective it calls may be distributed.
 Never imports mpi4py.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from numba import prange
 
+from hpcdnn.kernels import update
 from hpcdnn.kernels.jit import kernel
 
 BLOCK = 4096  # elements per partial dot product (fixed: results are independent of the thread count)
@@ -144,7 +149,8 @@ def two_loop_coefficients(G: np.ndarray, s_rows, y_rows, g_row: int, size: int) 
     """Coefficients c (length `size`) with c @ V = -H g, H the L-BFGS inverse Hessian of the pairs (s_rows[i], y_rows[i]).
 
     G[a, b] = V[a] . V[b] (global dot products); the pairs are ordered oldest to newest. The recursion is torch's
-    (H0 = (s.y / y.y of the newest pair) I, or I without pairs), run on coefficients instead of vectors:
+    (H0 = (s.y / y.y of the newest pair) I, or I without pairs), run on coefficients instead of vectors, with
+    correctly rounded sums (math.fsum) so that every rank derives the same coefficients from the same G:
     p = -g; for i newest..oldest: alpha_i = rho_i s_i.p, p -= alpha_i y_i; p *= H0;
     for i oldest..newest: beta = rho_i y_i.p, p += (alpha_i - beta) s_i.
     """
@@ -152,17 +158,21 @@ def two_loop_coefficients(G: np.ndarray, s_rows, y_rows, g_row: int, size: int) 
     k = len(s_rows)
     idx = np.array(s_rows + y_rows + [g_row], dtype=np.int64)
     B = G[np.ix_(idx, idx)]  # Gram of the compact basis [s_0..s_k-1, y_0..y_k-1, g]
+
+    def dot(row: np.ndarray, v: np.ndarray) -> float:
+        return math.fsum(row * v)  # correctly rounded: the same bits on every rank and every CPU
+
     delta = np.zeros(2 * k + 1)
     delta[2 * k] = -1.0
     alpha = np.zeros(k)
-    rho = np.array([1.0 / B[i, k + i] for i in range(k)])
+    rho = [1.0 / B[i, k + i] for i in range(k)]
     for i in range(k - 1, -1, -1):
-        alpha[i] = rho[i] * (B[i] @ delta)
+        alpha[i] = rho[i] * dot(B[i], delta)
         delta[k + i] -= alpha[i]
     if k:
         delta *= B[k - 1, 2 * k - 1] / B[2 * k - 1, 2 * k - 1]
     for i in range(k):
-        beta = rho[i] * (B[k + i] @ delta)
+        beta = rho[i] * dot(B[k + i], delta)
         delta[i] += alpha[i] - beta
     coef = np.zeros(size)
     coef[idx] = delta  # the rows are distinct
@@ -191,3 +201,67 @@ def gram_reference(V: np.ndarray, rows) -> np.ndarray:
     """`gram` as one numpy float64 matmul (the test reference)."""
     V64 = np.asarray(V, dtype=np.float64)
     return V64[np.asarray(rows, dtype=np.int64)] @ V64.T
+
+
+# ---- the line search (no MPI: evaluate() and slope() are the collective parts)
+
+
+@dataclass
+class Step:
+    """Outcome of a line search: step length, loss and gradient at the new point, evaluations used, success."""
+
+    t: float
+    f: float
+    g: np.ndarray | None
+    evals: int
+    ok: bool
+
+
+def _move(x: np.ndarray, x0: np.ndarray, d: np.ndarray, t: float) -> None:
+    """x = x0 + t d (fused multiply-add in float32, as torch's p.add_(d, alpha=t))."""
+    np.copyto(x, x0)
+    if x.dtype == np.float32:
+        update.axpy(x, d, t)
+    else:
+        x += t * d
+
+
+def line_search(evaluate, x: np.ndarray, d: np.ndarray, f0: float, gtd: float, t: float, *, mode: str = "armijo", slope=None,
+                c1: float = 1e-4, c2: float = 0.9, max_evals: int = 10) -> Step:  # fmt: skip
+    """Move x (in place) along d. `evaluate()` returns (f, g) at the current x (every rank gets the same values).
+
+    mode "none": one step of length t (torch.optim.LBFGS with line_search_fn=None).
+    mode "armijo": accept the first t with f(x + t d) <= f0 + c1 t g.d, else shrink t by a safeguarded quadratic fit
+    (within [0.1 t, 0.5 t]).
+    mode "wolfe": weak Wolfe conditions, Armijo and slope(g_new) = g_new.d >= c2 g.d, by doubling t while the slope is
+    still steep and bisecting once a step was too long (Lewis & Overton); longer steps than 1 when the quasi-Newton step
+    is timid, and every accepted pair has s.y > 0.
+    After `max_evals` evaluations: the longest step with sufficient decrease found (wolfe), or x restored and ok False.
+    """
+    if mode not in ("armijo", "wolfe", "none"):
+        raise ValueError(f"line search mode {mode!r}; expected armijo, wolfe or none")
+    if mode == "wolfe" and slope is None:
+        raise ValueError("the wolfe line search needs slope=, a function giving g.d for a gradient g (collective)")
+    x0 = x.copy()
+    lo, hi, best = 0.0, math.inf, None
+    for k in range(1, max_evals + 1):
+        _move(x, x0, d, t)
+        f, g = evaluate()
+        if mode == "none":
+            return Step(t, f, g, k, True)
+        if not f <= f0 + c1 * t * gtd:  # too long (NaN too)
+            if mode == "armijo":
+                fit = -gtd * t * t / (2.0 * (f - f0 - gtd * t)) if np.isfinite(f) else 0.0
+                t = min(max(fit, 0.1 * t), 0.5 * t)
+                continue
+            hi = t
+        elif mode == "armijo" or slope(g) >= c2 * gtd:
+            return Step(t, f, g, k, True)
+        else:  # enough decrease, but the slope is still steep: the minimum lies further out
+            lo, best = t, Step(t, f, g, k, True)
+        t = 0.5 * (lo + hi) if hi < math.inf else 2.0 * t
+    if best is not None:
+        _move(x, x0, d, best.t)  # the same arithmetic as when it was evaluated: the same x
+        return Step(best.t, best.f, best.g, max_evals, True)
+    np.copyto(x, x0)
+    return Step(0.0, f0, None, max_evals, False)

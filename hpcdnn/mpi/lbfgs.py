@@ -1,10 +1,11 @@
-"""Distributed L-BFGS: the (s, y) history sharded across ranks, directions by the vector-free two-loop recursion, and
-the line search. Every rank holds the full parameter vector x and, after the objective's allreduce, the full gradient.
+"""Distributed L-BFGS: the (s, y) history sharded across ranks, directions by the vector-free two-loop recursion.
+Every rank holds the full parameter vector x and, after the objective's allreduce, the full gradient. The line search,
+re-exported here, lives in hpcdnn/kernels/lbfgs.py (it needs no MPI of its own: the objective it calls does).
 
     opt = ShardedLBFGS(n, history=10, comm=comm)
     f, g = objective()                                    # collective: evaluates at x
     d, gtd = opt.direction(g)                             # collective: one small allreduce, one allgather
-    step = line_search(objective, x, d, f, gtd, opt.first_step(1.0))
+    step = line_search(objective, x, d, f, gtd, opt.first_step(1.0), mode="wolfe", slope=lambda g: opt.dot(g, d))
     opt.propose(step.t, d, step.g) if step.ok else opt.reset()
 
 Sharding (DistBelief's parameter-server shards, here for the optimizer state): rank r keeps columns
@@ -21,13 +22,11 @@ pairs with s.y <= 1e-10 are skipped, as in torch.optim.LBFGS, whose recursion an
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 from mpi4py import MPI
 
-from hpcdnn.kernels import update
-from hpcdnn.kernels.lbfgs import gram, lincomb, two_loop_coefficients
+from hpcdnn.kernels.lbfgs import Step, gram, lincomb, line_search, two_loop_coefficients
 from hpcdnn.models.flat import shard_ranges
 
 
@@ -110,6 +109,10 @@ class ShardedLBFGS:
         np.subtract(g_new[self.lo : self.hi], self.V[self.g_row], out=self.V[self.y_row(slot)])
         self.pending = slot
 
+    def dot(self, u: np.ndarray, v: np.ndarray) -> float:
+        """u . v of two full vectors, from this rank's slice and one allreduce: the same value on every rank."""
+        return self.comm.allreduce(float(np.dot(u[self.lo : self.hi].astype(np.float64), v[self.lo : self.hi])), op=MPI.SUM)
+
     def reset(self) -> None:
         """Forget every pair (after a failed line search or an ascent direction)."""
         self.order, self.pending = [], None
@@ -140,46 +143,4 @@ class ShardedLBFGS:
         self.pairs_rejected = int(meta["pairs_rejected"])
 
 
-@dataclass
-class Step:
-    """Outcome of a line search: step length, loss and gradient at the new point, evaluations used, success."""
-
-    t: float
-    f: float
-    g: np.ndarray | None
-    evals: int
-    ok: bool
-
-
-def _move(x: np.ndarray, x0: np.ndarray, d: np.ndarray, t: float) -> None:
-    """x = x0 + t d (fused multiply-add in float32, as torch's p.add_(d, alpha=t))."""
-    np.copyto(x, x0)
-    if x.dtype == np.float32:
-        update.axpy(x, d, t)
-    else:
-        x += t * d
-
-
-def line_search(evaluate, x: np.ndarray, d: np.ndarray, f0: float, gtd: float, t: float, *, mode: str = "armijo",
-                c1: float = 1e-4, max_evals: int = 10) -> Step:  # fmt: skip
-    """Move x (in place) along d. `evaluate()` returns (f, g) at the current x (every rank gets the same values).
-
-    mode "none": one step of length t (torch.optim.LBFGS with line_search_fn=None). mode "armijo": accept the first
-    t with f(x + t d) <= f0 + c1 t g.d, else shrink t by a safeguarded quadratic fit (within [0.1 t, 0.5 t]); after
-    `max_evals` failures x is restored and ok is False.
-    """
-    if mode not in ("armijo", "none"):
-        raise ValueError(f"line search mode {mode!r}; expected armijo or none")
-    x0 = x.copy()
-    for k in range(1, max_evals + 1):
-        _move(x, x0, d, t)
-        f, g = evaluate()
-        if mode == "none" or f <= f0 + c1 * t * gtd:  # NaN fails the test
-            return Step(t, f, g, k, True)
-        if np.isfinite(f):
-            fit = -gtd * t * t / (2.0 * (f - f0 - gtd * t))
-            t = min(max(fit, 0.1 * t), 0.5 * t)
-        else:
-            t *= 0.1
-    np.copyto(x, x0)
-    return Step(0.0, f0, None, max_evals, False)
+__all__ = ["ShardedLBFGS", "Step", "line_search"]  # the line search lives with the numerics (hpcdnn.kernels.lbfgs)

@@ -10,7 +10,8 @@ Protocol of one evaluation e (e = 1, 2, ... in this process):
             portion k. Every rank claims until its first k >= P, so each evaluation adds exactly P + size to the
             counter and every rank knows the next base without a reset.
   backup    a rank without claims reads the P flags; portions whose flag is not e are unfinished. After waiting
-            `backup_after` of its mean portion time it re-runs one of them (a DistBelief/MapReduce backup task).
+            `backup_after` of its mean portion time it re-runs one of them (a DistBelief/MapReduce backup task;
+            backup_after = inf turns backups off).
   commit    after computing portion k a rank Compare_and_swaps flag[k] from e-1 to e; only the winner adds the result
             to its sums, so no portion counts twice and none is lost. Flags carry evaluation numbers: nothing is reset.
   abandon   between chunks a rank reads flag[k]; if another copy already won it stops (a straggler does not hold up the
@@ -27,6 +28,7 @@ only when the target makes MPI progress, so a claim waited for the coordinator's
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, fields
 
@@ -142,7 +144,7 @@ class Portions:
                 pending = np.flatnonzero(self.flags.read(self.coordinator, 0, self.count) != e)
                 if not pending.size:
                     break
-                if time.perf_counter() - idle_since < self.backup_after * self.portion_time:
+                if self.backup_after == math.inf or time.perf_counter() - idle_since < self.backup_after * self.portion_time:
                     time.sleep(POLL_S)
                     continue
                 k = int(pending[self.rank % pending.size])

@@ -40,6 +40,11 @@ from hpcdnn.mpi.roles import set_threads, threads_per_rank
 COUNTERS = ("lbfgs_iterations", "gradient_evals", "line_search_evals", "line_search_failures", "samples_counted")
 
 
+def auto_portions(batch: int, world: int) -> int:
+    """Portions per batch when --sb_portions=0: at least 4 per rank (fast ranks take more), about 256 samples each."""
+    return max(4 * world, -(-batch // 256))
+
+
 class ModelPortions:
     """Loss and gradient sums of the model on portion k of the current batch, `chunk` samples per forward/backward."""
 
@@ -110,7 +115,7 @@ def train_sandblaster(cfg: Config, resume: bool = False, comm=None) -> dict:
 
     total = cfg.sb_batch_iters * sum(batches(e) for e in range(cfg.epochs))
     total = min(total, cfg.max_steps) if cfg.max_steps else total
-    count = cfg.sb_portions or max(4 * world, -(-cfg.batch_size // 256))
+    count = cfg.sb_portions or auto_portions(cfg.batch_size, world)
     portions = Portions(count, comm=comm, dynamic=cfg.sb_dynamic, backup_after=cfg.sb_backup_after, slow_rank=cfg.slow_rank,
                         slow_factor=cfg.slow_factor)  # fmt: skip
     fn = ModelPortions(model, flat, count, cfg.sb_chunk, dropout=cfg.sb_dropout, seed=cfg.seed)
@@ -122,6 +127,7 @@ def train_sandblaster(cfg: Config, resume: bool = False, comm=None) -> dict:
 
     step, epoch, batch, inner, elapsed, last_val = 0, 0, 0, 0, 0.0, {}
     f, g = 0.0, None  # loss and gradient at x on the current batch (None: evaluate first)
+    batch_loss = float("nan")  # the loss of the current batch before any step on it
     base = dict.fromkeys(COUNTERS, 0)  # counts of earlier processes of this run (resume)
     portion_base = np.zeros(len(PortionStats().as_array()), np.int64)
     if saved:
@@ -130,6 +136,7 @@ def train_sandblaster(cfg: Config, resume: bool = False, comm=None) -> dict:
         opt.load_state(saved.optim["lbfgs_basis"], st["lbfgs"])
         step, epoch, batch, inner, elapsed, last_val = saved.step, saved.epoch, saved.batch, st["inner"], st["elapsed"], st["last_val"]
         f, g = (st["f"], saved.optim["grad"].copy()) if "grad" in saved.optim else (0.0, None)
+        batch_loss = st["batch_loss"]
         base, portion_base = st["counters"], np.array(st["portion_stats"], np.int64)
     ls_evals, ls_failures = base["line_search_evals"], base["line_search_failures"]
 
@@ -148,7 +155,7 @@ def train_sandblaster(cfg: Config, resume: bool = False, comm=None) -> dict:
         totals = portion_totals()
         if is_root:
             optim = {"lbfgs_basis": basis} | ({"grad": g} if g is not None else {})
-            state = {"inner": inner, "f": f, "lbfgs": meta, "elapsed": elapsed, "last_val": last_val, "model": model_name,
+            state = {"inner": inner, "f": f, "batch_loss": batch_loss, "lbfgs": meta, "elapsed": elapsed, "last_val": last_val, "model": model_name,
                      "counters": counters(), "portion_stats": totals.tolist()}  # fmt: skip
             ck.save(run_dir / ck.LATEST, ck.Checkpoint(x.copy(), optim, step, epoch, batch, cfg.to_toml(), state, ck.capture_rng()))
 
@@ -173,12 +180,14 @@ def train_sandblaster(cfg: Config, resume: bool = False, comm=None) -> dict:
                 break
             fn.set_batch(images, labels, (epoch, batch))
             objective.stop_vote = stop.received is not None
-            if g is None:  # a new batch: its gradient at the current point
+            if g is None:  # a new batch: its gradient at the current point (its loss estimates the training loss)
                 f, g = objective()
+                batch_loss = f
             while inner < cfg.sb_batch_iters and step < total and not objective.stop_agreed:
                 d, gtd = opt.direction(g)
                 objective.stop_vote = stop.received is not None
-                ls = line_search(objective, x, d, f, gtd, opt.first_step(cfg.sb_step), mode=cfg.sb_line_search, max_evals=cfg.sb_ls_max)
+                ls = line_search(objective, x, d, f, gtd, opt.first_step(cfg.sb_step), mode=cfg.sb_line_search, max_evals=cfg.sb_ls_max,
+                                 slope=lambda g_new, d=d: opt.dot(g_new, d))  # fmt: skip
                 if ls.ok:
                     opt.propose(ls.t, d, ls.g)
                     f, g = ls.f, ls.g
@@ -191,7 +200,7 @@ def train_sandblaster(cfg: Config, resume: bool = False, comm=None) -> dict:
                 if step % cfg.log_every == 0 or step == total:
                     samples = counters()["samples_counted"]
                     log.log(step=step, epoch=round(epoch + (batch + inner / cfg.sb_batch_iters) / batches(epoch), 4), time=round(elapsed, 3),
-                            loss=f, step_length=ls.t, line_search_evals=ls.evals, batch_size=batch_size(epoch),
+                            loss=f, new_batch_loss=batch_loss, step_length=ls.t, line_search_evals=ls.evals, batch_size=batch_size(epoch),
                             images_per_s=round((samples - window_samples) / max(now - window_t, 1e-9), 1))  # fmt: skip
                     window_t, window_samples = now, samples
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:

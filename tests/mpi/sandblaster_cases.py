@@ -47,6 +47,7 @@ def loss_and_grad(x: np.ndarray, X: np.ndarray, labels: np.ndarray) -> tuple[flo
 SCENARIOS = {  # name -> settings of one convex run
     "plain": dict(mode="none", iters=15),
     "armijo": dict(mode="armijo", iters=40),
+    "wolfe": dict(mode="wolfe", iters=40),
     "straggler": dict(mode="none", iters=15, slow_rank=1, slow_factor=3.0, work_ms=2.0),
     "static": dict(mode="none", iters=15, static=True),
 }
@@ -84,7 +85,7 @@ def convex(comm, out: str, mode: str = "none", iters: int = 15, history: int = 5
     iterates, losses, evals = [x.copy()], [f], []
     for _ in range(iters):
         d, gtd = opt.direction(g)
-        step = line_search(objective, x, d, f, gtd, opt.first_step(1.0), mode=mode, max_evals=20)
+        step = line_search(objective, x, d, f, gtd, opt.first_step(1.0), mode=mode, max_evals=20, slope=lambda g, d=d: opt.dot(g, d))
         if not step.ok:
             raise RuntimeError("line search failed on a convex problem")
         opt.propose(step.t, d, step.g)
@@ -100,14 +101,16 @@ def convex(comm, out: str, mode: str = "none", iters: int = 15, history: int = 5
 
 
 def train_suite(run_dir: str, data: str, rest: list[str]) -> None:
-    """Four driver runs in one launch: A uninterrupted; B stopped after 3 iterations, then resumed; C with a straggler."""
+    """Four driver runs in one launch: a uninterrupted; b stopped after 3 iterations, then resumed; c with a straggler
+    and a batch that doubles after the first epoch."""
     from mpi4py import MPI
 
     from hpcdnn.config import load_config
     from hpcdnn.mpi.sandblaster import train_sandblaster
 
     comm = MPI.COMM_WORLD
-    runs = [("a", [], False), ("b", ["--max_steps=3"], False), ("b", [], True), ("c", ["--slow_rank=1", "--slow_factor=3"], False)]
+    straggler = ["--slow_rank=1", "--slow_factor=3", "--sb_batch_growth=2"]
+    runs = [("a", [], False), ("b", ["--max_steps=3"], False), ("b", [], True), ("c", straggler, False)]
     for name, extra, resume in runs:
         cfg = load_config("fashion_sandblaster", [f"--run_dir={run_dir}/{name}", f"--data={data}", *rest, *extra])
         summary = train_sandblaster(cfg, resume, comm)

@@ -41,7 +41,7 @@ def launch(n: int, *args, timeout: float = 240) -> str:
 def convex(tmp_path_factory):
     """load(ranks, scenario) -> the root's npz of that run."""
     d = tmp_path_factory.mktemp("convex")
-    launch(3, "convex", d, "plain,armijo", "plain,armijo,straggler,static")  # 1 rank (COMM_SELF), then 3
+    launch(3, "convex", d, "plain,armijo,wolfe", "plain,armijo,wolfe,straggler,static")  # 1 rank (COMM_SELF), then 3
     return lambda ranks, name: np.load(d / str(ranks) / f"{name}.npz")
 
 
@@ -74,7 +74,8 @@ def test_one_rank_equals_torch_lbfgs(convex):
     np.testing.assert_allclose(ours, want, rtol=0, atol=1e-9)
 
 
-def test_armijo_reaches_the_scipy_minimum(convex):
+@pytest.mark.parametrize("mode", ["armijo", "wolfe"])
+def test_line_searches_reach_the_scipy_minimum(convex, mode):
     from scipy.optimize import minimize
 
     X, labels, x0 = logistic_problem()
@@ -85,14 +86,14 @@ def test_armijo_reaches_the_scipy_minimum(convex):
 
     best = minimize(fun, x0, jac=True, method="L-BFGS-B", options=dict(gtol=1e-12, ftol=1e-16, maxiter=2000))
     for ranks in (1, 3):
-        run = convex(ranks, "armijo")
+        run = convex(ranks, mode)
         losses = run["losses"]
-        assert np.all(np.diff(losses) <= 1e-4 * 0 + 1e-15), "Armijo steps never increase the loss"
+        assert np.all(np.diff(losses) <= 1e-15), "steps with sufficient decrease never increase the loss"
         assert losses[-1] - best.fun < 1e-9, (losses[-1], best.fun)
         np.testing.assert_allclose(run["iterates"][-1], best.x, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["plain", "armijo", "static"])
+@pytest.mark.parametrize("name", ["plain", "armijo", "wolfe", "static"])
 def test_three_ranks_give_the_iterates_of_one(convex, name):
     three = convex(3, name)
     one = convex(1, "plain" if name == "static" else name)
@@ -123,9 +124,10 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def driver(tiny, tmp_path_factory):
-    """Runs a (2 epochs), b (3 iterations, then --resume), c (rank 1 slowed 3x) of the real driver, 3 ranks."""
+    """Runs a (2 epochs), b (3 iterations, then --resume), c (rank 1 slowed 3x, batch 48 then 96) of the driver, 3 ranks."""
     runs = tmp_path_factory.mktemp("runs")
-    args = ["--batch_size=48", "--epochs=2", "--sb_batch_iters=2", "--threads=1", "--sb_chunk=4", "--sb_portions=12", "--log_every=1"]
+    args = ["--batch_size=48", "--epochs=2", "--sb_batch_iters=2", "--threads=1", "--sb_chunk=4", "--sb_portions=12", "--log_every=1",
+            "--sb_batch_growth=1"]  # fmt: skip
     out = launch(3, "train", runs, tiny, *args, timeout=300)
     summaries = [json.loads(line[len("SUMMARY ") :]) for line in out.splitlines() if line.startswith("SUMMARY ")]
     assert [(s["run"], s["resume"]) for s in summaries] == [("a", False), ("b", False), ("b", True), ("c", False)]
@@ -162,8 +164,9 @@ def test_resume_continues_the_same_trajectory(driver):
     assert b["gradient_evals"] == a["gradient_evals"] and b["portions_total"] == a["portions_total"]
 
 
-def test_driver_with_a_straggler_counts_every_sample_once(driver):
-    _, (a, _, _, c) = driver
-    assert c["samples_counted"] == 48 * c["gradient_evals"] and c["portions_total"] == 12 * c["gradient_evals"]
-    assert c["portions_backup"] > 0, c
-    assert abs(c["train_loss"] - a["train_loss"]) < 1e-4 * max(1.0, abs(a["train_loss"]))  # same trajectory as without
+def test_driver_with_a_straggler_and_a_growing_batch(driver):
+    runs, (*_, c) = driver
+    assert c["portions_total"] == 12 * c["gradient_evals"]  # every evaluation: each portion counted once
+    assert c["portions_backup"] > 0 and c["portions_discarded"] > 0, c  # the slow rank's portions were re-run elsewhere
+    sizes = [r["batch_size"] for r in map(json.loads, (runs / "c" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert sizes == [48] * 4 + [96] * 2 and c["steps"] == 6 and c["batch_size"] == 96  # 2 batches of 48, then 1 of 96
