@@ -115,8 +115,7 @@ class Portions:
         self.evaluation = 0  # evaluations run; flag[k] == e once portion k of evaluation e is done
         self.base = 0  # the claim counter's value when the current evaluation began
         self.stats = PortionStats()
-        self.portion_time = 0.0  # mean seconds per portion on this rank (for the backup wait)
-        self._timed = 0
+        self.portion_time = 0.0  # seconds per portion on this rank, a moving average (for the backup wait)
 
     def run(self, compute, commit) -> int:
         """Compute portions until all of this evaluation's are done; `commit(k)` for each result that counts.
@@ -176,9 +175,9 @@ class Portions:
             return still_needed(k)
 
         finished = compute(k, keep_going)
-        if finished:
-            self._timed += 1
-            self.portion_time += (time.perf_counter() - t0 - self.portion_time) / self._timed
+        if finished:  # a moving average: it follows a rank whose speed changes (a shared node)
+            took = time.perf_counter() - t0
+            self.portion_time = took if not self.portion_time else 0.8 * self.portion_time + 0.2 * took
         return finished
 
     def expected_claims(self) -> int:
