@@ -31,20 +31,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from launch import mpirun  # bench/launch.py (this script's directory is on sys.path)
+
 CHILD = "HPCDNN_BENCH_ALLREDUCE_CHILD"
 MODELS = {"alexnet_small": ((28, 28, 1), 10, 28), "alexnet": ((227, 227, 3), 1000, 227)}
-
-
-def launcher(ranks: int) -> list[str]:
-    """mpirun from this interpreter's venv, with the flags its MPI needs (Open MPI: root, oversubscription)."""
-    exe = str(Path(sys.executable).parent / "mpirun")
-    version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
-    if "Open MPI" not in version:
-        return [exe, "-n", str(ranks)]  # MPICH (Hydra)
-    extra = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    if ranks > len(os.sched_getaffinity(0)):
-        extra.append("--oversubscribe")
-    return [exe, "-n", str(ranks), *extra]
 
 
 def free_port() -> int:
@@ -192,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get(CHILD):
         run_rank(args)
         return 0
-    cmd = [*launcher(args.ranks), sys.executable, "-m", "mpi4py", str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
+    cmd = [*mpirun(args.ranks), sys.executable, "-m", "mpi4py", str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
     env = {**os.environ, CHILD: "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}  # fmt: skip
     try:
         r = subprocess.run(cmd, env=env, timeout=args.timeout)

@@ -29,17 +29,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from launch import mpirun  # bench/launch.py (this script's directory is on sys.path)
 
 REPO = Path(__file__).resolve().parent.parent
 N = 61_000_000
-
-
-def mpirun_prefix(n: int) -> list[str]:
-    exe = str(Path(sys.executable).parent / "mpirun")
-    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
-    if "Open MPI" in version:
-        return [exe, "-n", str(n), "--oversubscribe", "--allow-run-as-root", "--mca", "osc", "^ucx", "--bind-to", "none"]
-    return [exe, "-n", str(n)]
 
 
 # ---- parts 1 and 2: run under mpirun -n 2 (rank 0 serves, rank 1 works)
@@ -154,34 +147,16 @@ def rma_part(repeats: int, alexnet_steps: int) -> None:
 # ---- part 3: the trainer, three topologies
 def train_part(steps: int, data: Path) -> dict:
     out, common = {}, ["--config=fashion_small", f"--data={data}", f"--max_steps={steps}", "--log_every=1000", "--epochs=8"]
+
+    def mpi_train(n: int, *args: str) -> list[str]:
+        return [*mpirun(n), sys.executable, "-m", "mpi4py", "-m", "hpcdnn", "train", *common, *args]
+
     runs = {
         "local (1 process, 2 threads)": [sys.executable, "-m", "hpcdnn", "train", *common, "--threads=2"],
-        "allreduce (2 ranks x 1 thread)": [
-            *mpirun_prefix(2),
-            sys.executable,
-            "-m",
-            "mpi4py",
-            "-m",
-            "hpcdnn",
-            "train",
-            *common,
-            "--topology=allreduce",
-            "--threads=1",
-        ],  # fmt: skip
-        "downpour (1 server + 2 workers x 1 thread)": [
-            *mpirun_prefix(3),
-            sys.executable,
-            "-m",
-            "mpi4py",
-            "-m",
-            "hpcdnn",
-            "train",
-            *common,
-            "--topology=downpour",
-            "--optimizer=adagrad",
-            "--lr=0.01",
-            "--threads=1",
-        ],  # fmt: skip
+        "allreduce (2 ranks x 1 thread)": mpi_train(2, "--topology=allreduce", "--threads=1"),
+        "downpour (1 server + 2 workers x 1 thread)": mpi_train(
+            3, "--topology=downpour", "--optimizer=adagrad", "--lr=0.01", "--threads=1"
+        ),
     }
     with tempfile.TemporaryDirectory() as tmp:
         for name, cmd in runs.items():
@@ -205,7 +180,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.rma_part:
         return rma_part(args.repeats, args.alexnet_steps)
-    cmd = [*mpirun_prefix(2), sys.executable, "-m", "mpi4py", __file__, "--rma-part", f"--repeats={args.repeats}",
+    cmd = [*mpirun(2), sys.executable, "-m", "mpi4py", __file__, "--rma-part", f"--repeats={args.repeats}",
            f"--alexnet-steps={args.alexnet_steps}"]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=3600)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -34,22 +34,12 @@ import sys
 import time
 from pathlib import Path
 
+from launch import mpirun  # bench/launch.py (this script's directory is on sys.path)
+
 from hpcdnn.config import Config
 
 CHILD = "HPCDNN_BENCH_SANDBLASTER_CHILD"
 CHUNK = 64
-
-
-def launcher(ranks: int) -> list[str]:
-    """mpirun from this interpreter's venv, with the flags its MPI needs (Open MPI: root, oversubscription)."""
-    exe = str(Path(sys.executable).parent / "mpirun")
-    version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
-    if "Open MPI" not in version:
-        return [exe, "-n", str(ranks)]  # MPICH (Hydra)
-    extra = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    if ranks > len(os.sched_getaffinity(0)):
-        extra.append("--oversubscribe")
-    return [exe, "-n", str(ranks), *extra, "--mca", "osc", "^ucx"]
 
 
 def run_rank(args: argparse.Namespace) -> None:
@@ -162,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, CHILD: "1", "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     for ranks in [int(r) for r in args.ranks.split(",")]:
-        cmd = [*launcher(ranks), sys.executable, "-m", "mpi4py", str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
+        cmd = [*mpirun(ranks), sys.executable, "-m", "mpi4py", str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
         try:
             r = subprocess.run(cmd, env=env, timeout=args.timeout)
         except subprocess.TimeoutExpired:

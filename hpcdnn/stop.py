@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
+from pathlib import Path
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+PREEMPTED = "preempted.json"  # in the run directory while a stopped run waits for --resume (sbatch scripts requeue on it)
 _current: StopSignal | None = None
 
 
@@ -34,6 +37,14 @@ class StopSignal:
         self.old = {}
         if _current is self:
             _current = None
+
+
+def mark_preempted(run_dir: Path, step: int, signum: int | None) -> None:
+    """Root only, after the checkpoint is written: record the stop so the batch script requeues and the user knows."""
+    from hpcdnn.atomic import write_json
+
+    write_json(Path(run_dir) / PREEMPTED, {"step": step, "signal": signum or "peer", "time": time.time()})
+    print(f"hpcdnn: stopped by signal at step {step}; checkpoint in {run_dir}; --resume continues", flush=True)
 
 
 def install() -> StopSignal:

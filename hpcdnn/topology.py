@@ -111,7 +111,7 @@ class Downpour:
         from hpcdnn.mpi import param_server as psv
 
         if saved:  # every worker continues its own counts; the root restored the servers before the barrier
-            row = saved.state["ps_counters"][psv.WORKER_BASE + psv.PER_WORKER * self.roles.index :][: psv.PER_WORKER]
+            row = psv.worker_row(saved.state["ps_counters"], self.roles.index)
             self.worker.sent, self.worker.steps = row[psv.SENT], row[psv.STEPS]
         self.worker.start(resumed=saved is not None)
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from hpcdnn import checkpoint as ck
 from hpcdnn import stop as stopsig
-from hpcdnn.atomic import write_bytes, write_json
+from hpcdnn.atomic import write_bytes
 from hpcdnn.config import Config, apply
 from hpcdnn.data.loader import ShardLoader
 from hpcdnn.data.schema import load_manifest
@@ -37,12 +37,10 @@ from hpcdnn.models import build_model, default_model
 from hpcdnn.models.flat import FlatParams
 from hpcdnn.mpi.roles import set_threads
 from hpcdnn.optim import Schedule
-from hpcdnn.stop import StopSignal  # noqa: F401  (sandblaster.py imports it from here)
 from hpcdnn.topology import Allreduce, Downpour, Local, restore_servers
 
 # keys that may differ between a run and its resumption (they do not change the trajectory)
 RESUMABLE = {"epochs", "max_steps", "log_every", "checkpoint_every", "eval_ten_crop", "device", "threads", "run_dir", "placement"}
-PREEMPTED = "preempted.json"
 
 
 def pick_device(name: str, local: int = 0) -> torch.device:
@@ -180,7 +178,7 @@ def train(cfg: Config, resume: bool = False, comm=None) -> dict:
         if isinstance(topo, Downpour) and not is_root:  # each worker continues from its own position
             from hpcdnn.mpi import param_server as psv
 
-            row = saved.state["ps_counters"][psv.WORKER_BASE + psv.PER_WORKER * rank :][: psv.PER_WORKER]
+            row = psv.worker_row(saved.state["ps_counters"], rank)
             step, epoch, batch = row[psv.STEPS], row[psv.EPOCH], row[psv.BATCH]
     topo.start(saved)
     if is_root:
@@ -257,12 +255,11 @@ def train(cfg: Config, resume: bool = False, comm=None) -> dict:
     summary = {}
     if stopped:
         if is_root:
-            write_json(run_dir / PREEMPTED, {"step": step, "signal": stop.received or "peer", "time": time.time()})
-            print(f"hpcdnn: stopped by signal at step {step}; checkpoint in {run_dir}; --resume continues", flush=True)
+            stopsig.mark_preempted(run_dir, step, stop.received)
         summary = {"preempted": True, "steps": step}
     elif is_root:
         summary = finish_run(cfg, model, flat, topo, val_data, loader_args, val_split, model_name, device, step, steps_per_epoch, elapsed)
-        (run_dir / PREEMPTED).unlink(missing_ok=True)
+        (run_dir / stopsig.PREEMPTED).unlink(missing_ok=True)
     log.close()
     train_data.close()
     val_data.close()

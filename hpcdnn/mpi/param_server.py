@@ -37,6 +37,12 @@ WORKER_BASE, PER_WORKER = HIST + HIST_BINS, 4  # per worker: pushes sent, steps,
 SENT, STEPS, EPOCH, BATCH = range(PER_WORKER)
 
 
+def worker_row(counters, worker: int):
+    """A worker's (pushes sent, steps, epoch, batch) out of the control words (a checkpoint's or `counters()`)."""
+    start = WORKER_BASE + PER_WORKER * worker
+    return counters[start : start + PER_WORKER]
+
+
 def staleness_bin(tau: int) -> int:
     return min(HIST_BINS - 1, int(tau).bit_length())
 

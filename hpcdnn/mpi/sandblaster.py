@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from mpi4py import MPI
 
 from hpcdnn import checkpoint as ck
-from hpcdnn.atomic import write_bytes, write_json
+from hpcdnn import stop as stopsig
+from hpcdnn.atomic import write_bytes
 from hpcdnn.config import Config, apply
 from hpcdnn.data.loader import ShardLoader
 from hpcdnn.data.schema import load_manifest
@@ -81,7 +82,7 @@ class ModelPortions:
 
 def train_sandblaster(cfg: Config, resume: bool = False, comm=None) -> dict:
     """Run (or continue) Sandblaster L-BFGS as `cfg` says on every rank of `comm`; returns the summary on every rank."""
-    from hpcdnn.train import PREEMPTED, StopSignal, check_resume, pick_device, resolve
+    from hpcdnn.train import check_resume, pick_device, resolve
 
     # ---- setup: ranks, threads, checkpoint (read on the root, broadcast), data, model
     if comm is None:
@@ -167,7 +168,7 @@ def train_sandblaster(cfg: Config, resume: bool = False, comm=None) -> dict:
     log = MetricsLog(run_dir, enabled=is_root, resume_step=step if saved else None)
 
     # ---- the loop: epochs of batches; on each batch sb_batch_iters L-BFGS iterations
-    stop, stopped = StopSignal(), False
+    stop, stopped = stopsig.install(), False
     bar = Bar(total, step, enabled=is_root)
     window_t, window_samples = time.perf_counter(), counters()["samples_counted"]
     while step < total and not stopped:
@@ -227,8 +228,7 @@ def train_sandblaster(cfg: Config, resume: bool = False, comm=None) -> dict:
     summary = {}
     if stopped:
         if is_root:
-            write_json(run_dir / PREEMPTED, {"step": step, "signal": stop.received or "peer", "time": time.time()})
-            print(f"hpcdnn: stopped by signal at step {step}; checkpoint in {run_dir}; --resume continues", flush=True)
+            stopsig.mark_preempted(run_dir, step, stop.received)
         summary = {"preempted": True, "steps": step}
     elif is_root:
         fn.load_params()
@@ -245,7 +245,7 @@ def train_sandblaster(cfg: Config, resume: bool = False, comm=None) -> dict:
             "pairs_rejected": opt.pairs_rejected,
         }  # fmt: skip
         write_summary(run_dir, summary)
-        (run_dir / PREEMPTED).unlink(missing_ok=True)
+        (run_dir / stopsig.PREEMPTED).unlink(missing_ok=True)
         print(f"hpcdnn: done: val top-1 {final['top1']:.4f}, top-5 {final['top5']:.4f}; {summary['images_per_s']} img/s; "
               f"{backup} backup portions; summary in {run_dir}", flush=True)  # fmt: skip
     summary = comm.bcast(summary, root=0)
