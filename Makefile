@@ -62,6 +62,7 @@ bench: bench-prep install fashion-mnist
 	$(BIN)/python bench/model.py
 	$(BIN)/python bench/downpour.py
 	$(BIN)/python bench/allreduce.py
+	$(BIN)/python bench/sandblaster.py
 
 bench-prep: install
 	$(BIN)/python bench/prep.py

@@ -39,8 +39,10 @@ from hpcdnn.mpi.roles import set_threads
 from hpcdnn.optim import Schedule
 from hpcdnn.topology import Allreduce, Downpour, Local, restore_servers
 
-# keys that may differ between a run and its resumption (they do not change the trajectory)
-RESUMABLE = {"epochs", "max_steps", "log_every", "checkpoint_every", "eval_ten_crop", "device", "threads", "run_dir", "placement"}
+# keys that may differ between a run and its resumption: they do not change the trajectory (the Sandblaster timing
+# knobs change only which rank computes which portion)
+RESUMABLE = {"epochs", "max_steps", "log_every", "checkpoint_every", "eval_ten_crop", "device", "threads", "run_dir", "placement",
+             "slow_rank", "slow_factor", "sb_backup_after", "sb_dynamic"}  # fmt: skip
 
 
 def pick_device(name: str, local: int = 0) -> torch.device:

@@ -36,48 +36,9 @@ import numpy as np
 from mpi4py import MPI
 
 from hpcdnn.models.flat import shard_ranges
-from hpcdnn.mpi.window import Window
+from hpcdnn.mpi.window import SharedWindow
 
 POLL_S = 0.0005  # an idle rank re-reads the flags this often (sleeping in between: cores may be shared)
-
-
-class SharedWindow(Window):
-    """A `Window` held in one shared `Lock_all` epoch from creation to `free`: single-element ops are op + Flush.
-
-    Measured with a target busy in compute: MPICH's per-operation Lock waited for the target's next MPI call (up to
-    2 s); inside Lock_all the same Fetch_and_op takes ~5 us on MPICH and Open MPI. The lock is shared: no rank is
-    ever excluded, as with `Window`.
-    """
-
-    def __init__(self, count: int, dtype, *, comm) -> None:
-        super().__init__(count, dtype, comm=comm)
-        self.win.Lock_all()
-
-    def fetch_and_op(self, value, target: int, index: int, op=MPI.SUM):
-        self._check(target, index, 1)
-        origin, result = np.array([value], self.dtype), np.empty(1, self.dtype)
-        self.win.Fetch_and_op(origin, result, target, index, op=op)
-        self.win.Flush(target)
-        return result[0].item()
-
-    def compare_and_swap(self, expected, value, target: int, index: int):
-        self._check(target, index, 1)
-        origin, compare, result = np.array([value], self.dtype), np.array([expected], self.dtype), np.empty(1, self.dtype)
-        self.win.Compare_and_swap(origin, compare, result, target, index)
-        self.win.Flush(target)
-        return result[0].item()
-
-    def read(self, target: int, index: int = 0, count: int = 1) -> np.ndarray:
-        self._check(target, index, count)
-        out = np.empty(count, self.dtype)
-        self.win.Get_accumulate(out, out, target, [index, count, self.mpi_type], op=MPI.NO_OP)
-        self.win.Flush(target)
-        return out
-
-    def free(self) -> None:
-        if self._win is not None:
-            self._win.Unlock_all()
-        super().free()
 
 
 @dataclass

@@ -8,8 +8,10 @@ collective or RMA epoch fails the test instead of blocking CI.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -122,13 +124,15 @@ def tiny(tmp_path_factory):
     return d / "data"
 
 
+DRIVER_ARGS = ["--batch_size=48", "--epochs=2", "--sb_batch_iters=2", "--threads=1", "--sb_chunk=4", "--sb_portions=12",
+               "--log_every=1", "--sb_batch_growth=1"]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def driver(tiny, tmp_path_factory):
     """Runs a (2 epochs), b (3 iterations, then --resume), c (rank 1 slowed 3x, batch 48 then 96) of the driver, 3 ranks."""
     runs = tmp_path_factory.mktemp("runs")
-    args = ["--batch_size=48", "--epochs=2", "--sb_batch_iters=2", "--threads=1", "--sb_chunk=4", "--sb_portions=12", "--log_every=1",
-            "--sb_batch_growth=1"]  # fmt: skip
-    out = launch(3, "train", runs, tiny, *args, timeout=300)
+    out = launch(3, "train", runs, tiny, *DRIVER_ARGS, timeout=300)
     summaries = [json.loads(line[len("SUMMARY ") :]) for line in out.splitlines() if line.startswith("SUMMARY ")]
     assert [(s["run"], s["resume"]) for s in summaries] == [("a", False), ("b", False), ("b", True), ("c", False)]
     return runs, summaries
@@ -170,3 +174,35 @@ def test_driver_with_a_straggler_and_a_growing_batch(driver):
     assert c["portions_backup"] > 0 and c["portions_discarded"] > 0, c  # the slow rank's portions were re-run elsewhere
     sizes = [r["batch_size"] for r in map(json.loads, (runs / "c" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert sizes == [48] * 4 + [96] * 2 and c["steps"] == 6 and c["batch_size"] == 96  # 2 batches of 48, then 1 of 96
+
+
+def test_signal_checkpoints_and_resume_equals_uninterrupted(driver, tiny, tmp_path):
+    """SIGUSR1 to mpirun mid-run (the CLI, 3 ranks): every rank finishes its iteration and exits 0, the root leaves
+    checkpoint + preempted.json; --resume (without the straggler that kept the run slow enough to be caught) ends
+    where the uninterrupted run `a` ended."""
+    runs, (a, *_) = driver
+    run = tmp_path / "run"
+    args = ["--config", "fashion_sandblaster", f"--data={tiny}", f"--run_dir={run}", *DRIVER_ARGS]
+    cmd = [*mpirun(3), sys.executable, "-m", "mpi4py", "-m", "hpcdnn", "train", *args]
+    slow = ["--slow_rank=0", "--slow_factor=40", "--sb_dynamic=false"]  # static split: every iteration waits for rank 0
+    proc = subprocess.Popen([*cmd, *slow], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.time() + 120
+        while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
+            assert time.time() < deadline and proc.poll() is None, f"the run never logged a step\n{proc.stderr.read()[-3000:]}"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)  # mpirun forwards it to every rank
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    stopped = json.loads((run / "preempted.json").read_text())
+    assert 0 < stopped["step"] < a["steps"] and not (run / "summary.json").exists(), stopped
+    assert ck.load(run / ck.LATEST).step == stopped["step"]
+    r = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["steps"] == a["steps"] and s["portions_total"] == a["portions_total"], s
+    assert not (run / "preempted.json").exists()
+    np.testing.assert_allclose(ck.load(run / ck.LATEST).params, ck.load(runs / "a" / ck.LATEST).params, rtol=1e-5, atol=1e-6)

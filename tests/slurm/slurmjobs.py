@@ -90,7 +90,7 @@ class Slurm:
                 return info
             time.sleep(1)
         pytest.fail(
-            f"job {jid}{' ' + what if what else ''}: not {sorted(states)} after {timeout:.0f} s: {info.get('JobState')}\n{self.out(jid)}"
+            f"job {jid}{' ' + what if what else ''}: not {sorted(states)} after {timeout:.0f} s: {info.get('JobState')}\n{self.diagnose(jid)}"
         )
 
     def wait_until(self, predicate, timeout: float, what: str, jid: str | None = None):
@@ -102,13 +102,13 @@ class Slurm:
             if jid and self.show(jid).get("JobState") in TERMINAL:
                 pytest.fail(f"job {jid} ended before {what}\n{self.out(jid)}")
             time.sleep(0.5)
-        pytest.fail(f"no {what} after {timeout:.0f} s\n{self.out(jid) if jid else ''}")
+        pytest.fail(f"no {what} after {timeout:.0f} s\n{self.diagnose(jid) if jid else ''}")
 
     def wait_requeued(self, jid: str, timeout: float = 60) -> dict:
         """Wait until the job is pending again after a requeue (Restarts >= 1). Slurm then holds it for cred_expire + 1 s
         (31 s with slurm-up.sh's cred_expire=30; starting it earlier fails with 'Job credential revoked')."""
         return self.wait_until(lambda: (i := self.show(jid)).get("JobState") == "PENDING" and int(i.get("Restarts", 0)) >= 1 and i,
-                               timeout, f"requeue of job {jid}")  # fmt: skip
+                               timeout, f"requeue of job {jid}", jid)  # fmt: skip
 
     def signal_batch(self, jid: str, sig: str = "USR1") -> None:
         """What --signal=B:USR1@lead does at the lead time: signal the batch shell (only it, not its children)."""
@@ -117,6 +117,15 @@ class Slurm:
     def out(self, jid: str | None) -> str:
         p = self.tmp / f"slurm-{jid}.out"
         return f"--- {p}:\n{p.read_text()[-6000:]}" if p.exists() else f"(no {p})"
+
+    def diagnose(self, jid: str) -> str:
+        """What a timed-out wait prints: the job's Slurm record, its steps, the processes still running, its output."""
+        info = self.show(jid)
+        state = " ".join(f"{k}={info.get(k)}" for k in ("JobState", "Reason", "Restarts", "ExitCode", "RunTime", "NodeList"))
+        steps = subprocess.run(["squeue", "--steps", "-j", jid], capture_output=True, text=True, timeout=30).stdout
+        procs = subprocess.run(["ps", "-eo", "pid,ppid,stat,etime,args", "--sort=pid"], capture_output=True, text=True, timeout=30)
+        mine = "\n".join(p for p in procs.stdout.splitlines() if any(w in p for w in ("hpcdnn", "srun", "mpirun", "prte", "slurmstepd")))
+        return f"--- job {jid}: {state}\n--- steps:\n{steps}--- processes:\n{mine}\n{self.out(jid)}"
 
     def cancel_all(self) -> None:
         for jid in self.jobs:
