@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,26 @@ def mpirun(n: int) -> list[str]:
     if "Open MPI" in version:
         return [exe, "-n", str(n), "--oversubscribe", "--allow-run-as-root", "--mca", "osc", "^ucx"]
     return [exe, "-n", str(n)]  # MPICH (Hydra)
+
+
+def signal_once_logging(cmd: list[str], run_dir: Path, sig=signal.SIGUSR1, timeout: float = 120) -> tuple[int, str]:
+    """Start `cmd` (a training job), send `sig` to it once RUN_DIR/metrics.jsonl has a line (mpirun forwards it to
+    every rank), wait for the exit; returns (exit code, stderr). Fails if the run ends or stays silent first."""
+    metrics = Path(run_dir) / "metrics.jsonl"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.time() + timeout
+        while not metrics.exists() or not metrics.read_text():
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"the run never logged a step (exit {proc.poll()})\n{proc.communicate()[1][-3000:]}")
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, err
 
 
 def prep_process(*args, timeout: float = 120, mpi: int = 0, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO, mpirun, prep
+from conftest import REPO, mpirun, prep, signal_once_logging
 from fakes import fashion_subset
 
 pytestmark = pytest.mark.mpi
@@ -150,18 +150,8 @@ def test_signal_checkpoints_and_resume_finishes(tiny, tmp_path):
     args = [*COMMON, f"--data={tiny}", f"--run_dir={run}", "--topology=downpour", "--optimizer=adagrad", "--batch_size=16",
             "--epochs=3", "--log_every=3"]  # fmt: skip
     cmd = [*mpirun(3), sys.executable, "-m", "mpi4py", "-m", "hpcdnn", "train", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        deadline = time.time() + 120
-        while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
-            assert time.time() < deadline and proc.poll() is None, "the run never logged a step"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGUSR1)  # mpirun forwards it to every rank
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-3000:]
+    code, err = signal_once_logging(cmd, run)  # mpirun forwards SIGUSR1 to every rank
+    assert code == 0, err[-3000:]
     stopped = json.loads((run / "preempted.json").read_text())
     assert 0 < stopped["step"] < 60 and not (run / "summary.json").exists()
     hpcdnn(3, *args, "--resume")

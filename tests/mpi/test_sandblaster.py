@@ -8,16 +8,14 @@ collective or RMA epoch fails the test instead of blocking CI.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, mpirun, prep
+from conftest import REPO, mpirun, prep, signal_once_logging
 from fakes import make_idx_dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -185,18 +183,8 @@ def test_signal_checkpoints_and_resume_equals_uninterrupted(driver, tiny, tmp_pa
     args = ["--config", "fashion_sandblaster", f"--data={tiny}", f"--run_dir={run}", *DRIVER_ARGS]
     cmd = [*mpirun(3), sys.executable, "-m", "mpi4py", "-m", "hpcdnn", "train", *args]
     slow = ["--slow_rank=0", "--slow_factor=40", "--sb_dynamic=false"]  # static split: every iteration waits for rank 0
-    proc = subprocess.Popen([*cmd, *slow], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        deadline = time.time() + 120
-        while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
-            assert time.time() < deadline and proc.poll() is None, f"the run never logged a step\n{proc.stderr.read()[-3000:]}"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGUSR1)  # mpirun forwards it to every rank
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-3000:]
+    code, err = signal_once_logging([*cmd, *slow], run)
+    assert code == 0, err[-3000:]
     stopped = json.loads((run / "preempted.json").read_text())
     assert 0 < stopped["step"] < a["steps"] and not (run / "summary.json").exists(), stopped
     assert ck.load(run / ck.LATEST).step == stopped["step"]
