@@ -26,7 +26,9 @@ from hpcdnn.mpi.param_server import ParamServer
 
 # elements per push piece: the squares, the old accumulator and the update of one piece (4 MB each) stay in cache
 # between the kernel and the MPI call that reads them (bench/downpour.py, 61M floats: Adagrad push 75 -> 61 ms and
-# SGD push 44 -> 39 ms going from 4M- to 1M-element pieces; 256K measured the same as 1M)
+# SGD push 44 -> 39 ms going from 4M- to 1M-element pieces; 256K measured the same as 1M). The push is memory-bound:
+# an Adagrad push moves >= 5 passes over the vector (g; accumulator and parameters read and written), and computing
+# piece i's update on a second thread while this one's MPI calls move pieces i +- 1 measured no faster (68-71 ms).
 PIECE = 1 << 20
 
 
