@@ -11,13 +11,16 @@
 #   SRUN_MPI        srun's --mpi= type                   (default: pmix for Open MPI, pmi2 for MPICH)
 #   SRUN_ARGS       extra srun options;  MPIRUN_ARGS  extra mpirun options
 #   MAX_RESTARTS    stop requeueing a preempted run after this many restarts           (default 100)
+#   STOP_GRACE      seconds the launcher may keep running after the run wrote preempted.json before the batch
+#                   shell ends it and requeues anyway (a rank stuck in teardown must not cost the requeue) (default 60)
 #
 # WHAT A TRAINING SCRIPT GETS (hpcdnn_run)
 #   * the launcher runs in the background; the batch shell traps USR1 (Slurm's --signal=B:USR1@lead) and TERM and
 #     sends SIGUSR1 to the launcher, which forwards it to every rank (Open MPI 5's mpirun and srun both do); the
 #     ranks finish their step, the root writes RUN_DIR/checkpoint.h5 and RUN_DIR/preempted.json, all exit 0;
 #     SIGTERM is never passed on: Open MPI's mpirun kills its ranks ~1 s after a SIGTERM;
-#   * a fresh RUN_DIR/preempted.json after the launcher returns -> `scontrol requeue $SLURM_JOB_ID`;
+#   * a fresh RUN_DIR/preempted.json after the launcher returns -> `scontrol requeue $SLURM_JOB_ID`; a launcher
+#     still running STOP_GRACE s after preempted.json appeared (a rank hung in teardown) is ended first;
 #     a signal that arrives before the launcher started requeues without starting it;
 #   * the requeued job (SLURM_RESTART_COUNT > 0) finds RUN_DIR/checkpoint.h5 and passes --resume by itself;
 #   * a rank that dies ends the job at once (python -m mpi4py aborts on an uncaught exception; mpirun and
@@ -162,6 +165,7 @@ hpcdnn_run() {
     wait "$_HPCDNN_PID"
     rc=$?
     [ "$_HPCDNN_TRAPPED" = 1 ] || break  # a trapped signal interrupts `wait`: wait again for the real exit code
+    _hpcdnn_watch "$marker" "$start"     # returns once the launcher has exited (or was ended after STOP_GRACE)
   done
   _HPCDNN_PID=
   if [ -f "$marker" ] && [ "$(stat -c %Y "$marker")" -ge "$start" ]; then
@@ -177,6 +181,29 @@ hpcdnn_run() {
   [ -n "$_HPCDNN_SIGNAL" ] && hpcdnn_log "SIG$_HPCDNN_SIGNAL arrived but the run left no $marker (launcher exit $rc): not requeueing"
   hpcdnn_log "launcher exited $rc"
   return "$rc"
+}
+
+# _hpcdnn_watch MARKER START: after a signal, poll the launcher until it exits. The checkpoint is complete when the
+# run writes MARKER (its last act), so if the launcher outlives a fresh MARKER by STOP_GRACE seconds (a rank hung in
+# teardown), end it: SIGTERM, then SIGKILL 10 s later.
+_hpcdnn_watch() {
+  local marker=$1 start=$2 since="" i
+  while kill -0 "$_HPCDNN_PID" 2>/dev/null; do
+    if [ -z "$since" ] && [ -f "$marker" ] && [ "$(stat -c %Y "$marker")" -ge "$start" ]; then
+      since=$(date +%s)
+    fi
+    if [ -n "$since" ] && [ $(($(date +%s) - since)) -ge "${STOP_GRACE:-60}" ]; then
+      hpcdnn_log "the launcher is still running ${STOP_GRACE:-60} s after the run left $marker: ending it (STOP_GRACE)"
+      kill -TERM "$_HPCDNN_PID" 2>/dev/null
+      for i in 1 2 3 4 5 6 7 8 9 10; do
+        kill -0 "$_HPCDNN_PID" 2>/dev/null || return 0
+        sleep 1
+      done
+      kill -KILL "$_HPCDNN_PID" 2>/dev/null
+      return 0
+    fi
+    sleep 1
+  done
 }
 
 _hpcdnn_step() { [ -f "$1" ] && sed -n 's/.*"step": *\([0-9]*\).*/\1/p' "$1" | head -1; }

@@ -123,8 +123,12 @@ class Slurm:
         info = self.show(jid)
         state = " ".join(f"{k}={info.get(k)}" for k in ("JobState", "Reason", "Restarts", "ExitCode", "RunTime", "NodeList"))
         steps = subprocess.run(["squeue", "--steps", "-j", jid], capture_output=True, text=True, timeout=30).stdout
-        procs = subprocess.run(["ps", "-eo", "pid,ppid,stat,etime,args", "--sort=pid"], capture_output=True, text=True, timeout=30)
-        mine = "\n".join(p for p in procs.stdout.splitlines() if any(w in p for w in ("hpcdnn", "srun", "mpirun", "prte", "slurmstepd")))
+        procs = subprocess.run(["ps", "-eo", "pid=,ppid=,stat=,etime=,args="], capture_output=True, text=True, timeout=30)
+        rows = [line.split(None, 4) for line in procs.stdout.splitlines()]
+        keep = {r[0] for r in rows if len(r) == 5 and "slurmstepd" in r[4]}  # every job's processes hang below these
+        for _ in range(8):  # descendants, a few generations deep
+            keep |= {r[0] for r in rows if len(r) == 5 and r[1] in keep}
+        mine = "\n".join(" ".join(r) for r in rows if len(r) == 5 and r[0] in keep)
         return f"--- job {jid}: {state}\n--- steps:\n{steps}--- processes:\n{mine}\n{self.out(jid)}"
 
     def cancel_all(self) -> None:

@@ -112,6 +112,41 @@ def test_time_limit_signal_stops_and_requeues(slurm, dataset, tmp_path):
     subprocess.run(["scancel", jid], check=True, timeout=30)
 
 
+HANGS_AFTER_PREEMPT = """#!/bin/bash
+# the real interpreter; then, if the run stopped for a signal, a teardown that never ends (a rank hung after its
+# checkpoint). SIGUSR1 is passed on to the interpreter like mpirun and srun do.
+trap 'kill -USR1 "$child" 2>/dev/null' USR1
+"$REAL_PYTHON" "$@" &
+child=$!
+while kill -0 "$child" 2>/dev/null; do wait "$child"; done
+wait "$child"
+rc=$?
+[ -f "$RUN_DIR/preempted.json" ] && exec sleep 600
+exit $rc
+"""
+
+
+def test_launcher_stuck_after_the_checkpoint_is_ended_and_the_job_requeued(slurm, dataset, tmp_path):
+    """The run checkpoints on SIGUSR1 but its launcher never exits: STOP_GRACE seconds after preempted.json the batch
+    shell ends the launcher and requeues anyway; the requeued job resumes and completes."""
+    run, wrapper = tmp_path / "run", tmp_path / "python-hangs-after-preempt"
+    wrapper.write_text(HANGS_AFTER_PREEMPT)
+    wrapper.chmod(0o755)
+    env = env_for(dataset, run, PYTHON=str(wrapper), REAL_PYTHON=sys.executable, STOP_GRACE="5")
+    jid = slurm.sbatch("train_local.sbatch", *ARGS, "--max_steps=150", opts=("--cpus-per-task=1",), env=env)
+    slurm.wait_until(lambda: metrics_lines(run) >= 1, 180, "training", jid)
+    slurm.signal_batch(jid)
+    marker = run / "preempted.json"
+    stopped = slurm.wait_until(lambda: marker.exists() and json.loads(marker.read_text()), 60, "preempted.json", jid)
+    slurm.wait_requeued(jid, 180)
+    assert_completed(slurm, jid, slurm.wait(jid, 240, what="after the requeue"))
+    out = (slurm.tmp / f"slurm-{jid}.out").read_text()
+    assert "s after the run left" in out and "ending it (STOP_GRACE)" in out, out
+    assert f"stopped by a signal at step {stopped['step']} (launcher exit 143)" in out, out  # SIGTERM ended it
+    assert f"resuming at step {stopped['step']} " in out, out
+    assert checkpoint(run)[1] == 150 and not marker.exists()
+
+
 def test_allreduce_preempted_requeued_resumed_is_bitwise(slurm, dataset, tmp_path):
     """train_allreduce.sbatch with 2 ranks under srun --mpi=pmix, preempted and resumed; the reference, uninterrupted,
     under mpirun: the final parameters are bitwise equal (CPU)."""
