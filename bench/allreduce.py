@@ -25,13 +25,11 @@ import hashlib
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from launch import mpirun  # bench/launch.py (this script's directory is on sys.path)
+from launch import relaunch  # bench/launch.py (this script's directory is on sys.path)
 
 CHILD = "HPCDNN_BENCH_ALLREDUCE_CHILD"
 MODELS = {"alexnet_small": ((28, 28, 1), 10, 28), "alexnet": ((227, 227, 3), 1000, 227)}
@@ -182,15 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get(CHILD):
         run_rank(args)
         return 0
-    cmd = [*mpirun(args.ranks), sys.executable, "-m", "mpi4py", str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
-    env = {**os.environ, CHILD: "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}  # fmt: skip
-    try:
-        r = subprocess.run(cmd, env=env, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        print(f"bench/allreduce.py: mpirun did not finish in {args.timeout:.0f} s", file=sys.stderr)
-        return 0
-    if r.returncode:
-        print(f"bench/allreduce.py: {' '.join(cmd)} exited {r.returncode}", file=sys.stderr)
+    relaunch(__file__, args.ranks, sys.argv[1:] if argv is None else argv, CHILD, args.timeout)
     return 0
 
 

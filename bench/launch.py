@@ -1,4 +1,5 @@
-"""The mpirun prefix the self-launching benchmarks use (imported as `launch`: scripts run as `python bench/x.py`)."""
+"""How the self-launching benchmarks start themselves under mpirun (imported as `launch`: scripts run as
+`python bench/x.py`)."""
 
 from __future__ import annotations
 
@@ -18,3 +19,19 @@ def mpirun(ranks: int) -> list[str]:
     if ranks > len(os.sched_getaffinity(0)):
         extra.append("--oversubscribe")
     return [exe, "-n", str(ranks), *extra, "--mca", "osc", "^ucx"]
+
+
+def relaunch(script: str, ranks: int, argv: list[str], child_var: str, timeout: float) -> None:
+    """Run `script argv` again as `mpirun -n ranks python -m mpi4py`, with `child_var` set so it runs the rank side and
+    the repository on PYTHONPATH. A timeout or a failed run is reported on stderr; benchmarks always exit 0."""
+    name = f"bench/{Path(script).name}"
+    root = str(Path(script).resolve().parents[1])
+    env = {**os.environ, child_var: "1", "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    cmd = [*mpirun(ranks), sys.executable, "-m", "mpi4py", str(Path(script).resolve()), *argv]
+    try:
+        r = subprocess.run(cmd, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{name}: mpirun -n {ranks} did not finish in {timeout:.0f} s", file=sys.stderr)
+        return
+    if r.returncode:
+        print(f"{name}: {' '.join(cmd)} exited {r.returncode}", file=sys.stderr)

@@ -29,12 +29,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-from launch import mpirun  # bench/launch.py (this script's directory is on sys.path)
+from launch import relaunch  # bench/launch.py (this script's directory is on sys.path)
 
 from hpcdnn.config import Config
 
@@ -149,17 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get(CHILD):
         run_rank(args)
         return 0
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, CHILD: "1", "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     for ranks in [int(r) for r in args.ranks.split(",")]:
-        cmd = [*mpirun(ranks), sys.executable, "-m", "mpi4py", str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
-        try:
-            r = subprocess.run(cmd, env=env, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            print(f"bench/sandblaster.py: mpirun -n {ranks} did not finish in {args.timeout:.0f} s", file=sys.stderr)
-            continue
-        if r.returncode:
-            print(f"bench/sandblaster.py: {' '.join(cmd)} exited {r.returncode}", file=sys.stderr)
+        relaunch(__file__, ranks, sys.argv[1:] if argv is None else argv, CHILD, args.timeout)
     return 0
 
 
