@@ -168,7 +168,7 @@ hpcdnn_run() {
     _hpcdnn_watch "$marker" "$start"     # returns once the launcher has exited (or was ended after STOP_GRACE)
   done
   _HPCDNN_PID=
-  if [ -f "$marker" ] && [ "$(stat -c %Y "$marker")" -ge "$start" ]; then
+  if _hpcdnn_fresh "$marker" "$start"; then
     now=$(_hpcdnn_step "$marker")
     hpcdnn_log "stopped by a signal at step ${now:-?} (launcher exit $rc)"
     if [ -n "$prev" ] && [ -n "$now" ] && [ "$now" -le "$prev" ]; then
@@ -189,7 +189,7 @@ hpcdnn_run() {
 _hpcdnn_watch() {
   local marker=$1 start=$2 since="" i
   while kill -0 "$_HPCDNN_PID" 2>/dev/null; do
-    if [ -z "$since" ] && [ -f "$marker" ] && [ "$(stat -c %Y "$marker")" -ge "$start" ]; then
+    if [ -z "$since" ] && _hpcdnn_fresh "$marker" "$start"; then
       since=$(date +%s)
     fi
     if [ -n "$since" ] && [ $(($(date +%s) - since)) -ge "${STOP_GRACE:-60}" ]; then
@@ -205,6 +205,8 @@ _hpcdnn_watch() {
     sleep 1
   done
 }
+
+_hpcdnn_fresh() { [ -f "$1" ] && [ "$(stat -c %Y "$1")" -ge "$2" ]; }  # MARKER written since START (epoch s)
 
 _hpcdnn_step() { [ -f "$1" ] && sed -n 's/.*"step": *\([0-9]*\).*/\1/p' "$1" | head -1; }
 
