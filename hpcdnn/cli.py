@@ -10,8 +10,10 @@ Presets live in hpcdnn/configs/ (fashion_small, imagenet_alexnet); every Config 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import signal
 import sys
 
 from hpcdnn.config import load_config
@@ -23,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         from hpcdnn import stop
 
         stop.install()  # before torch, MPI and the data are loaded: a USR1 during start-up must not kill the rank
+        faulthandler.register(signal.SIGUSR2, all_threads=True)  # a hung rank prints where it is (slurm/env.sh asks)
     parser = argparse.ArgumentParser(prog="hpcdnn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="train a model (topology local); any Config field as --key=value")

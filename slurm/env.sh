@@ -185,7 +185,7 @@ hpcdnn_run() {
 
 # _hpcdnn_watch MARKER START: after a signal, poll the launcher until it exits. The checkpoint is complete when the
 # run writes MARKER (its last act), so if the launcher outlives a fresh MARKER by STOP_GRACE seconds (a rank hung in
-# teardown), end it: SIGTERM, then SIGKILL 10 s later.
+# teardown), end it: SIGUSR2 (forwarded to the ranks, which dump their Python stacks), SIGTERM, SIGKILL 10 s later.
 _hpcdnn_watch() {
   local marker=$1 start=$2 since="" i
   while kill -0 "$_HPCDNN_PID" 2>/dev/null; do
@@ -193,7 +193,10 @@ _hpcdnn_watch() {
       since=$(date +%s)
     fi
     if [ -n "$since" ] && [ $(($(date +%s) - since)) -ge "${STOP_GRACE:-60}" ]; then
-      hpcdnn_log "the launcher is still running ${STOP_GRACE:-60} s after the run left $marker: ending it (STOP_GRACE)"
+      hpcdnn_log "the launcher is still running ${STOP_GRACE:-60} s after the run left $marker: ending it (STOP_GRACE);"
+      hpcdnn_log "SIGUSR2 first: every hpcdnn rank still alive prints its Python stacks below"
+      kill -USR2 "$_HPCDNN_PID" 2>/dev/null
+      sleep 3
       kill -TERM "$_HPCDNN_PID" 2>/dev/null
       for i in 1 2 3 4 5 6 7 8 9 10; do
         kill -0 "$_HPCDNN_PID" 2>/dev/null || return 0
