@@ -11,8 +11,9 @@
 #   SRUN_MPI        srun's --mpi= type                   (default: pmix for Open MPI, pmi2 for MPICH)
 #   SRUN_ARGS       extra srun options;  MPIRUN_ARGS  extra mpirun options
 #   MAX_RESTARTS    stop requeueing a preempted run after this many restarts           (default 100)
-#   STOP_GRACE      seconds the launcher may keep running after the run wrote preempted.json before the batch
-#                   shell ends it and requeues anyway (a rank stuck in teardown must not cost the requeue) (default 60)
+#   STOP_GRACE      seconds the launcher may keep running after the run wrote preempted.json or summary.json
+#                   before the batch shell ends it (a rank or launcher hung in teardown must not cost the
+#                   requeue or hold the allocation)                                         (default 60)
 #
 # WHAT A TRAINING SCRIPT GETS (hpcdnn_run)
 #   * the launcher runs in the background; the batch shell traps USR1 (Slurm's --signal=B:USR1@lead) and TERM and
@@ -20,7 +21,8 @@
 #     ranks finish their step, the root writes RUN_DIR/checkpoint.h5 and RUN_DIR/preempted.json, all exit 0;
 #     SIGTERM is never passed on: Open MPI's mpirun kills its ranks ~1 s after a SIGTERM;
 #   * a fresh RUN_DIR/preempted.json after the launcher returns -> `scontrol requeue $SLURM_JOB_ID`; a launcher
-#     still running STOP_GRACE s after preempted.json appeared (a rank hung in teardown) is ended first;
+#     still running STOP_GRACE s after preempted.json appeared (a rank hung in teardown) is ended first; one that
+#     hangs STOP_GRACE s after the run wrote summary.json is ended and the job exits 0;
 #     a signal that arrives before the launcher started requeues without starting it;
 #   * the requeued job (SLURM_RESTART_COUNT > 0) finds RUN_DIR/checkpoint.h5 and passes --resume by itself;
 #   * a rank that dies ends the job at once (python -m mpi4py aborts on an uncaught exception; mpirun and
@@ -160,12 +162,13 @@ hpcdnn_run() {
   hpcdnn_log "job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}: $*"
   "$@" &
   _HPCDNN_PID=$!
+  _HPCDNN_ENDED=0
+  _hpcdnn_watch "$start"  # returns once the launcher has exited (or was ended after STOP_GRACE)
   while :; do
     _HPCDNN_TRAPPED=0
     wait "$_HPCDNN_PID"
     rc=$?
     [ "$_HPCDNN_TRAPPED" = 1 ] || break  # a trapped signal interrupts `wait`: wait again for the real exit code
-    _hpcdnn_watch "$marker" "$start"     # returns once the launcher has exited (or was ended after STOP_GRACE)
   done
   _HPCDNN_PID=
   if _hpcdnn_fresh "$marker" "$start"; then
@@ -178,23 +181,31 @@ hpcdnn_run() {
     fi
     hpcdnn_requeue
   fi
+  if [ "$_HPCDNN_ENDED" = 1 ] && _hpcdnn_fresh "$RUN_DIR/summary.json" "$start"; then
+    hpcdnn_log "the run had finished (RUN_DIR/summary.json) before its launcher was ended: exit 0"
+    return 0
+  fi
   [ -n "$_HPCDNN_SIGNAL" ] && hpcdnn_log "SIG$_HPCDNN_SIGNAL arrived but the run left no $marker (launcher exit $rc): not requeueing"
   hpcdnn_log "launcher exited $rc"
   return "$rc"
 }
 
-# _hpcdnn_watch MARKER START: after a signal, poll the launcher until it exits. The checkpoint is complete when the
-# run writes MARKER (its last act), so if the launcher outlives a fresh MARKER by STOP_GRACE seconds (a rank hung in
-# teardown), end it: SIGUSR2 (forwarded to the ranks, which dump their Python stacks), SIGTERM, SIGKILL 10 s later.
+# _hpcdnn_watch START: poll the launcher (once a second) until it exits. A run's last act is RUN_DIR/preempted.json
+# (stopped: the checkpoint is complete) or RUN_DIR/summary.json (finished); if the launcher outlives either by
+# STOP_GRACE seconds (a rank or the launcher itself hung in teardown), end it: SIGUSR2 (forwarded to the ranks, which
+# dump their Python stacks), SIGTERM, and SIGKILL 10 s later; _HPCDNN_ENDED=1 then.
 _hpcdnn_watch() {
-  local marker=$1 start=$2 since="" i
+  local start=$1 since="" last i
   while kill -0 "$_HPCDNN_PID" 2>/dev/null; do
-    if [ -z "$since" ] && _hpcdnn_fresh "$marker" "$start"; then
-      since=$(date +%s)
+    if [ -z "$since" ]; then
+      for last in "$RUN_DIR/preempted.json" "$RUN_DIR/summary.json"; do
+        _hpcdnn_fresh "$last" "$start" && { since=$(date +%s); break; }
+      done
     fi
     if [ -n "$since" ] && [ $(($(date +%s) - since)) -ge "${STOP_GRACE:-60}" ]; then
-      hpcdnn_log "the launcher is still running ${STOP_GRACE:-60} s after the run left $marker: ending it (STOP_GRACE);"
+      hpcdnn_log "the launcher is still running ${STOP_GRACE:-60} s after the run left $last: ending it (STOP_GRACE);"
       hpcdnn_log "SIGUSR2 first: every hpcdnn rank still alive prints its Python stacks below"
+      _HPCDNN_ENDED=1
       kill -USR2 "$_HPCDNN_PID" 2>/dev/null
       sleep 3
       kill -TERM "$_HPCDNN_PID" 2>/dev/null

@@ -117,8 +117,8 @@ def test_time_limit_signal_stops_and_requeues(slurm, dataset, tmp_path):
 
 
 HANGS_AFTER_PREEMPT = """#!/bin/bash
-# the real interpreter; then, if the run stopped for a signal, a teardown that never ends (a rank hung after its
-# checkpoint). SIGUSR1 is passed on to the interpreter like mpirun and srun do.
+# the real interpreter; then, if the run stopped for a signal (or always, with HANG_AFTER=any), a teardown that never
+# ends (a rank hung after its checkpoint). SIGUSR1 is passed on to the interpreter like mpirun and srun do.
 trap 'kill -USR1 "$child" 2>/dev/null' USR1
 "$REAL_PYTHON" "$@" &
 child=$!
@@ -126,7 +126,7 @@ while kill -0 "$child" 2>/dev/null; do wait "$child"; done
 wait "$child"
 rc=$?
 trap '' USR2  # like a hung rank, whose SIGUSR2 only dumps its stacks
-[ -f "$RUN_DIR/preempted.json" ] && exec sleep 600
+[ -f "$RUN_DIR/preempted.json" ] || [ "${HANG_AFTER:-}" = any ] && exec sleep 600
 exit $rc
 """
 
@@ -150,6 +150,20 @@ def test_launcher_stuck_after_the_checkpoint_is_ended_and_the_job_requeued(slurm
     assert f"stopped by a signal at step {stopped['step']} (launcher exit 143)" in out, out  # SIGTERM ended it
     assert f"resuming at step {stopped['step']} " in out, out
     assert checkpoint(run)[1] == 150 and not marker.exists()
+
+
+def test_launcher_stuck_after_a_finished_run_is_ended_and_the_job_completes(slurm, dataset, tmp_path):
+    """The run finishes (summary.json) but its launcher never exits: STOP_GRACE seconds later the batch shell ends it
+    and the job completes with exit 0 instead of holding the allocation until its time limit."""
+    run, wrapper = tmp_path / "run", tmp_path / "python-hangs-after-exit"
+    wrapper.write_text(HANGS_AFTER_PREEMPT)
+    wrapper.chmod(0o755)
+    env = env_for(dataset, run, PYTHON=str(wrapper), REAL_PYTHON=sys.executable, STOP_GRACE="5", HANG_AFTER="any")
+    jid = slurm.sbatch("train_local.sbatch", *ARGS, "--max_steps=20", opts=("--cpus-per-task=1",), env=env, wait=240)
+    assert_completed(slurm, jid)
+    out = (slurm.tmp / f"slurm-{jid}.out").read_text()
+    assert "summary.json: ending it (STOP_GRACE)" in out and "the run had finished" in out, out
+    assert json.loads((run / "summary.json").read_text())["steps"] == 20
 
 
 def test_allreduce_preempted_requeued_resumed_is_bitwise(slurm, dataset, tmp_path):
