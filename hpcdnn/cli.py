@@ -25,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         from hpcdnn import stop
 
         stop.install()  # before torch, MPI and the data are loaded: a USR1 during start-up must not kill the rank
-        faulthandler.register(signal.SIGUSR2, all_threads=True)  # a hung rank prints where it is (slurm/env.sh asks)
+        try:  # SIGUSR2: a hung rank prints where it is (slurm/env.sh asks before ending a stuck launcher)
+            faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)
+        except (AttributeError, OSError, ValueError):  # no file-backed stderr (embedded interpreters): no dumps
+            pass
     parser = argparse.ArgumentParser(prog="hpcdnn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="train a model (topology local); any Config field as --key=value")
