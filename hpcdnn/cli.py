@@ -20,11 +20,14 @@ from hpcdnn.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
+    process = argv is None  # the command line (not a call from Python): the handlers may stay until exit
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
         from hpcdnn import stop
 
-        stop.install()  # before torch, MPI and the data are loaded: a USR1 during start-up must not kill the rank
+        # before torch, MPI and the data load, and (as a process) until exit: a USR1 at start-up or while the ranks
+        # tear down must not kill a rank
+        stop.install(hold=process)
         try:  # SIGUSR2: a hung rank prints where it is (slurm/env.sh asks before ending a stuck launcher)
             faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)
         except (AttributeError, OSError, ValueError):  # no file-backed stderr (embedded interpreters): no dumps

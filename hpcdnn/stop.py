@@ -23,6 +23,7 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.held = False  # True: kept until the process exits (`install(hold=True)`), close() leaves it installed
         self.old = {}
         if threading.current_thread() is threading.main_thread():
             self.old = {s: signal.signal(s, self._handle) for s in SIGNALS}
@@ -32,6 +33,8 @@ class StopSignal:
 
     def close(self) -> None:
         global _current
+        if self.held:  # installed by the CLI: a signal during teardown must not kill the rank (it exits 0 anyway)
+            return
         for s, h in self.old.items():
             signal.signal(s, h)
         self.old = {}
@@ -47,9 +50,11 @@ def mark_preempted(run_dir: Path, step: int, signum: int | None) -> None:
     print(f"hpcdnn: stopped by signal at step {step}; checkpoint in {run_dir}; --resume continues", flush=True)
 
 
-def install() -> StopSignal:
-    """The process's StopSignal, created (and the handlers installed) on first use."""
+def install(hold: bool = False) -> StopSignal:
+    """The process's StopSignal, created (and the handlers installed) on first use. hold=True (the CLI) keeps the
+    handlers until the process exits, so a signal that arrives while a finished or stopped run tears down is ignored."""
     global _current
     if _current is None:
         _current = StopSignal()
+    _current.held = _current.held or hold
     return _current

@@ -189,12 +189,12 @@ def test_downpour_preempted_requeued_resumed(slurm, dataset, tmp_path):
     every rank exits 0, the job requeues and the resumed run finishes."""
     run = tmp_path / "run"
     opts = ("--nodes=1", "--ntasks=3", "--cpus-per-task=1", "--overcommit")
-    jid = slurm.sbatch("train_downpour.sbatch", *ARGS, "--max_steps=40", "--checkpoint_every=10", opts=opts,
+    jid = slurm.sbatch("train_downpour.sbatch", *ARGS, "--max_steps=200", "--checkpoint_every=10", opts=opts,
                        env=env_for(dataset, run, LAUNCHER="mpirun"))  # fmt: skip
     step, out = preempt_and_resume(slurm, jid, run)
     assert "downpour: 2 worker(s), 1 server(s)" in out
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["topology"] == "downpour" and summary["steps"] == 40
+    assert summary["topology"] == "downpour" and summary["steps"] == 200
 
 
 def test_downpour_hetjob_servers_and_workers_in_their_components(slurm, dataset, tmp_path):
