@@ -51,7 +51,7 @@ def run_rank(args: argparse.Namespace) -> None:
     from hpcdnn.mpi.lbfgs import ShardedLBFGS, line_search
     from hpcdnn.mpi.portions import Objective, Portions
     from hpcdnn.mpi.roles import set_threads
-    from hpcdnn.mpi.sandblaster import ModelPortions, auto_portions
+    from hpcdnn.topologies.sandblaster_data import ModelPortions, auto_portions
 
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()

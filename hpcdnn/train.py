@@ -37,7 +37,7 @@ from hpcdnn.models import build_model, default_model
 from hpcdnn.models.flat import FlatParams
 from hpcdnn.mpi.roles import set_threads
 from hpcdnn.optim import Schedule
-from hpcdnn.topology import Allreduce, Downpour, Local, restore_servers
+from hpcdnn.topologies.sgd import Allreduce, Downpour, Local, restore_servers
 
 # keys that may differ between a run and its resumption: they do not change the trajectory (the Sandblaster timing
 # knobs change only which rank computes which portion)
@@ -101,7 +101,7 @@ def train(cfg: Config, resume: bool = False, comm=None) -> dict:
     `comm` (MPI.COMM_WORLD from the CLI) is required for the distributed topologies and ignored for local.
     """
     if cfg.topology == "sandblaster":
-        from hpcdnn.mpi.sandblaster import train_sandblaster
+        from hpcdnn.topologies.sandblaster import train_sandblaster
 
         return train_sandblaster(cfg, resume, comm)
     # ---- roles, threads, checkpoint, data, model

@@ -23,3 +23,8 @@ def kernel(parallel: bool = False):
         return numba.njit(nogil=True, cache=True, parallel=parallel)(fn)
 
     return wrap
+
+
+def numba_threads(threads: int) -> None:
+    """Run Numba's parallel kernels on `threads` threads (capped at Numba's pool size)."""
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))

@@ -106,7 +106,7 @@ def train_suite(run_dir: str, data: str, rest: list[str]) -> None:
     from mpi4py import MPI
 
     from hpcdnn.config import load_config
-    from hpcdnn.mpi.sandblaster import train_sandblaster
+    from hpcdnn.topologies.sandblaster import train_sandblaster
 
     comm = MPI.COMM_WORLD
     straggler = ["--slow_rank=1", "--slow_factor=3", "--sb_batch_growth=2"]
