@@ -19,7 +19,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(if $(TORCH),$(BIN)/python -m pip install -q "$(TORCH)")
 	$(BIN)/python -m pip install -q $(MPI) mpi4py
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,tensorboard]"
 	$(BIN)/python -c "import mpi4py.MPI as M, torch, h5py, numba; print('installed:', M.Get_library_version().splitlines()[0], '| torch', torch.__version__)"
 	touch $@
 

@@ -37,111 +37,120 @@ N = 61_000_000
 
 # ---- parts 1 and 2: run under mpirun -n 2 (rank 0 serves, rank 1 works)
 def rma_part(repeats: int, alexnet_steps: int) -> None:
-    import torch
     from mpi4py import MPI
 
-    from hpcdnn.config import Config
-    from hpcdnn.kernels import update
-    from hpcdnn.mpi import param_server as psv
-    from hpcdnn.mpi.downpour import DownpourWorker
-    from hpcdnn.mpi.param_server import ParamServer
-    from hpcdnn.mpi.roles import set_threads, split_roles
+    from hpcdnn.mpi.roles import split_roles
+    from hpcdnn.placement import set_threads
 
     comm = MPI.COMM_WORLD
     roles = split_roles(comm, 1)
     set_threads(2 if not roles.is_server else 1)
     results = {}
-    # part 1: raw vector traffic
     for kind in ("sgd", "adagrad"):
-        cfg = Config(optimizer=kind, momentum=0.9, weight_decay=5e-4)
-        ps = ParamServer(roles, N, adagrad=kind == "adagrad")
-        comm.Barrier()
-        if roles.is_server:
-            ps.serve()
-        else:
-            host = np.random.default_rng(0).standard_normal(N).astype(np.float32)
-            grad = (host * 1e-3).astype(np.float32)
-            ps.load(host)
-            scratch = np.empty_like(host)
-
-            class Flat:  # all the worker reads of a model here: its flat parameter vector
-                numel, device = N, torch.device("cpu")
-
-                def to_numpy(self, grad=False, _host=host):
-                    return _host
-
-            worker = DownpourWorker(ps, Flat(), cfg, 0)
-            times = {k: [] for k in ("fetch atomic", "fetch plain", f"push {kind}", "put (inbox)", "memcpy")}
-            for _ in range(repeats):
-                t = time.perf_counter()
-                ps.fetch(host)
-                times["fetch atomic"].append(time.perf_counter() - t)
-                ps.atomic_fetch = False
-                t = time.perf_counter()
-                ps.fetch(host)
-                times["fetch plain"].append(time.perf_counter() - t)
-                ps.atomic_fetch = True
-                worker.acc_view = grad
-                t = time.perf_counter()
-                worker._apply(grad, np.float32(-1e-4))
-                times[f"push {kind}"].append(time.perf_counter() - t)
-                t = time.perf_counter()
-                ps.params.put(grad, roles.servers[0])
-                times["put (inbox)"].append(time.perf_counter() - t)
-                t = time.perf_counter()
-                np.copyto(scratch, grad)
-                times["memcpy"].append(time.perf_counter() - t)
-            for k, v in times.items():
-                results[k] = min(v)
-            ps.add(psv.DONE)  # release the server
-            if kind == "adagrad":
-                assert update.grad_is_finite(host)
-        ps.free()
-    # part 2: an AlexNet step with the local optimizer vs with Downpour push + fetch (n_fetch = n_push = 1)
+        results |= vector_traffic(roles, kind, repeats)
     if alexnet_steps:
-        import torch.nn.functional as F
-
-        from hpcdnn.models import build_model
-        from hpcdnn.models.flat import FlatParams
-        from hpcdnn.optim import FlatOptimizer
-
-        torch.manual_seed(0)
-        model = build_model("alexnet", 1000, (256, 256, 3), 227)
-        flat = FlatParams(model)
-        cfg = Config(optimizer="adagrad", weight_decay=5e-4)
-        ps = ParamServer(roles, flat.numel, adagrad=True)
-        if roles.is_root:
-            ps.load(flat.to_numpy())
-        comm.Barrier()
-        if roles.is_server:
-            ps.serve()
-        else:
-            x, y = torch.randn(32, 3, 227, 227), torch.randint(0, 1000, (32,))
-            opt = FlatOptimizer("adagrad", flat.data, flat.grad, momentum=0, weight_decay=5e-4, eps=1e-10)
-            worker = DownpourWorker(ps, flat, cfg, 0)
-            worker.start(resumed=False)
-            local, dp, comm_only = [], [], []
-            for i in range(alexnet_steps + 1):
-                for which in ("local", "downpour"):
-                    t = time.perf_counter()
-                    flat.zero_grad()
-                    F.cross_entropy(model(x), y).backward()
-                    t_compute = time.perf_counter()
-                    if which == "local":
-                        opt.step(1e-4)
-                    else:
-                        worker.step(1e-4, 0, i)
-                    t_end = time.perf_counter()
-                    if i:  # the first round warms up
-                        (local if which == "local" else dp).append(t_end - t)
-                        if which == "downpour":
-                            comm_only.append(t_end - t_compute)
-            worker.finish(1e-4, 0, alexnet_steps)
-            results |= {"alexnet local step": statistics.median(local), "alexnet downpour step": statistics.median(dp),
-                        "alexnet push+fetch": statistics.median(comm_only)}  # fmt: skip
-        ps.free()
+        results |= alexnet_steps_part(roles, alexnet_steps)
     if not roles.is_server:
         print("RESULT " + json.dumps(results), flush=True)
+
+
+def vector_traffic(roles, kind: str, repeats: int) -> dict:
+    """Part 1: fetches, the push of `kind`, a Put and a memcpy of the AlexNet-sized vector; best of `repeats`."""
+    import torch
+
+    from hpcdnn.config import Config
+    from hpcdnn.kernels import update
+    from hpcdnn.mpi import control as ctl
+    from hpcdnn.mpi.downpour import DownpourWorker
+    from hpcdnn.mpi.param_server import ParamServer
+
+    cfg = Config(optimizer=kind, momentum=0.9, weight_decay=5e-4)
+    ps = ParamServer(roles, N, adagrad=kind == "adagrad")
+    roles.comm.Barrier()
+    results = {}
+    if roles.is_server:
+        ps.serve()
+    else:
+        host = np.random.default_rng(0).standard_normal(N).astype(np.float32)
+        grad = (host * 1e-3).astype(np.float32)
+        ps.load(host)
+        scratch = np.empty_like(host)
+
+        class Flat:  # all the worker reads of a model here: its flat parameter vector
+            numel, device = N, torch.device("cpu")
+
+            def to_numpy(self, grad=False, _host=host):
+                return _host
+
+        worker = DownpourWorker(ps, Flat(), cfg, 0)
+        worker.acc_view = grad
+
+        def fetch_plain():
+            ps.atomic_fetch = False
+            ps.fetch(host)
+            ps.atomic_fetch = True
+
+        ops = {"fetch atomic": lambda: ps.fetch(host), "fetch plain": fetch_plain,
+               f"push {kind}": lambda: worker._apply(grad, np.float32(-1e-4)),
+               "put (inbox)": lambda: ps.params.put(grad, roles.servers[0]), "memcpy": lambda: np.copyto(scratch, grad)}  # fmt: skip
+        times = {k: [] for k in ops}
+        for _ in range(repeats):
+            for name, op in ops.items():
+                t = time.perf_counter()
+                op()
+                times[name].append(time.perf_counter() - t)
+        results = {k: min(v) for k, v in times.items()}
+        ps.control.add(ctl.DONE)  # release the server
+        assert update.grad_is_finite(host)
+    ps.free()
+    return results
+
+
+def alexnet_steps_part(roles, steps: int) -> dict:
+    """Part 2: an AlexNet step with the local optimizer vs with Downpour push + fetch (n_fetch = n_push = 1)."""
+    import torch
+    import torch.nn.functional as F
+
+    from hpcdnn.config import Config
+    from hpcdnn.models import build_model
+    from hpcdnn.models.flat import FlatParams
+    from hpcdnn.mpi.downpour import DownpourWorker
+    from hpcdnn.mpi.param_server import ParamServer
+    from hpcdnn.optim import FlatOptimizer
+
+    torch.manual_seed(0)
+    model = build_model("alexnet", 1000, (256, 256, 3), 227)
+    flat = FlatParams(model)
+    ps = ParamServer(roles, flat.numel, adagrad=True)
+    if roles.is_root:
+        ps.load(flat.to_numpy())
+    roles.comm.Barrier()
+    results = {}
+    if roles.is_server:
+        ps.serve()
+    else:
+        x, y = torch.randn(32, 3, 227, 227), torch.randint(0, 1000, (32,))
+        opt = FlatOptimizer("adagrad", flat.data, flat.grad, momentum=0, weight_decay=5e-4, eps=1e-10)
+        worker = DownpourWorker(ps, flat, Config(optimizer="adagrad", weight_decay=5e-4), 0)
+        worker.start(resumed=False)
+        local, dp, comm_only = [], [], []
+        for i in range(steps + 1):
+            for which in ("local", "downpour"):
+                t = time.perf_counter()
+                flat.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                t_compute = time.perf_counter()
+                opt.step(1e-4) if which == "local" else worker.step(1e-4, 0, i)
+                t_end = time.perf_counter()
+                if i:  # the first round warms up
+                    (local if which == "local" else dp).append(t_end - t)
+                    if which == "downpour":
+                        comm_only.append(t_end - t_compute)
+        worker.finish(1e-4, 0, steps)
+        results = {"alexnet local step": statistics.median(local), "alexnet downpour step": statistics.median(dp),
+                   "alexnet push+fetch": statistics.median(comm_only)}  # fmt: skip
+    ps.free()
+    return results
 
 
 # ---- part 3: the trainer, three topologies

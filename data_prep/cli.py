@@ -4,6 +4,8 @@ data-prep idx --dir /usr/share/datasets/fashion-mnist --out data/fashion
 mpirun -n 8 python -m mpi4py -m data_prep imagenet --root /datasets/ILSVRC2012 --out /scratch/imagenet
 sbatch --array=0-63 slurm/prep_imagenet.sbatch   (each task: --task-index/--num-tasks from Slurm)
 data-prep finalize /scratch/imagenet && data-prep verify /scratch/imagenet
+
+Every multi-word flag may also be spelled with underscores: --shard_size is --shard-size.
 """
 
 from __future__ import annotations
@@ -18,17 +20,44 @@ from data_prep import manifest as mf
 from data_prep.pipeline import Settings, check_plan, make_plan, run
 from data_prep.sources import folder, idx, imagenet
 from data_prep.sources.base import PrepError
+from hpcdnn.data.jpeg import JPEG_QUALITY
 from hpcdnn.data.schema import COMPRESSIONS, ENCODINGS
 
 SOURCES = {"imagenet": imagenet, "folder": folder, "idx": idx}
 MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 
 
+def dashed(argv: list[str]) -> list[str]:
+    """`argv` with underscores in flag names turned into dashes (--shard_size=8 -> --shard-size=8); values untouched."""
+    out, flags = [], True
+    for arg in argv:
+        if arg == "--":
+            flags = False  # everything after a bare -- is a value
+        elif flags and arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            arg = name.replace("_", "-") + eq + value
+        out.append(arg)
+    return out
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that takes both spellings of every multi-word flag, --shard-size and --shard_size.
+
+    Flags are declared and shown dashed; the command line is normalised before parsing, so no flag can miss out.
+    Sub-commands' parsers are of this class too (argparse makes them with the parent's class).
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super().parse_known_args(dashed(sys.argv[1:] if args is None else list(args)), namespace)
+
+
 def add_prep_arguments(p: argparse.ArgumentParser) -> None:
     d = Settings()
     p.add_argument("--out", required=True, type=Path, help="output directory (created; re-running resumes)")
     p.add_argument("--size", type=int, default=d.size, help=f"side of the stored square images (default {d.size}; IDX keeps its own size)")
-    p.add_argument("--encoding", choices=ENCODINGS, default=d.encoding, help="raw uint8 pixels, or jpeg quality-90 bytes (~10x smaller)")
+    p.add_argument(
+        "--encoding", choices=ENCODINGS, default=d.encoding, help=f"raw uint8 pixels, or jpeg quality-{JPEG_QUALITY} bytes (smaller)"
+    )
     p.add_argument(
         "--compression", choices=COMPRESSIONS, default=d.compression, help="HDF5 filter for raw images (default none: fastest reads)"
     )
@@ -45,7 +74,7 @@ def add_prep_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="data-prep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="data-prep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in SOURCES.items():
         p = sub.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__)
@@ -78,10 +107,13 @@ def array_task(args: argparse.Namespace) -> tuple[int, int]:
     return index, count
 
 
-def default_threads(local_ranks: int) -> int:
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or usable
-    return max(1, cpus // max(1, local_ranks))
+def decode_threads(args: argparse.Namespace, comm) -> int:
+    """--threads, else the placement rule: this node's CPUs divided among its ranks (collective over `comm`)."""
+    if args.threads:
+        return args.threads
+    from hpcdnn.placement import default_threads, threads_per_rank  # imported here: it imports torch, finalize/verify do not need it
+
+    return threads_per_rank(comm) if comm else default_threads()
 
 
 def get_comm():
@@ -110,8 +142,7 @@ def prepare(args: argparse.Namespace, comm) -> int:
         check_plan(args.out, plan)
     if comm:
         comm.Barrier()
-    local = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", os.environ.get("MPI_LOCALNRANKS", size)))
-    threads = args.threads or default_threads(local)
+    threads = decode_threads(args, comm)
     t0 = time.perf_counter()
     mine = run(source, plan, args.out, settings, worker=task * size + rank, workers=tasks * size, threads=threads, show=rank == 0)
     totals = comm.gather(mine) if comm else [mine]

@@ -104,11 +104,3 @@ def decode_bytes(data: bytes, size: int, *, max_pixels: int, resample: str = "bi
         except Exception as e:
             return Decoded(reason=f"truncated or corrupt image data: {type(e).__name__}: {e}")
     return Decoded(array=array, note="; ".join(notes) or None)
-
-
-def encode_jpeg(array: np.ndarray, quality: int) -> bytes:
-    """Encode uint8 (H, W, C) pixels as JPEG bytes (4:2:0 subsampling, no metadata: deterministic)."""
-    im = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()

@@ -1,8 +1,10 @@
-"""finalize (merge the shards' records into manifest.json), verify (re-hash and re-check) and inspect (a summary)."""
+"""finalize (merge the shards' records into the manifest), verify (re-hash and re-check) and inspect (a summary).
+
+The manifest's format and its writer live in `hpcdnn.data.schema`; this module only gathers what goes into it.
+"""
 
 from __future__ import annotations
 
-import io
 import json
 from collections import Counter
 from pathlib import Path
@@ -11,37 +13,30 @@ import numpy as np
 
 from data_prep.pipeline import PLAN, record_path
 from data_prep.sources.base import PrepError
-from hpcdnn.atomic import write_bytes, write_json
-from hpcdnn.data.schema import MANIFEST, check_shard, load_manifest, sha256_file
+from hpcdnn.atomic import write_json
+from hpcdnn.data.schema import SCHEMA_VERSION, ShardReader, check_shard, load_manifest, sha256_file, write_manifest
 from hpcdnn.kernels.stats import ImageStats
-
-MEAN_FILE = "mean.npy"
 
 
 def load_plan(out: Path) -> dict:
+    """DIR/plan.json, with an error naming the fix when DIR is not a data-prep output or is from another schema version."""
     path = out / PLAN
     if not path.is_file():
         raise PrepError(
             f"{path} not found: {out} is not a data-prep output directory (run `data-prep imagenet|folder|idx --out {out}` first)"
         )
-    return json.loads(path.read_text())
-
-
-def read_stats(path: Path, shape) -> ImageStats:
-    flat = np.load(path)
-    h, w, c = shape
-    return ImageStats(
-        int(flat[0]),
-        flat[1 + c + c * c :].reshape(h, w, c).copy(),
-        flat[1 : 1 + c].copy(),
-        flat[1 + c : 1 + c + c * c].reshape(c, c).copy(),
-    )
+    plan = json.loads(path.read_text())
+    if plan.get("schema_version") != SCHEMA_VERSION:
+        raise PrepError(
+            f"{path}: schema_version {plan.get('schema_version')!r}, this data-prep writes {SCHEMA_VERSION}; "
+            "finalize it with the data-prep that started it, or prepare it again into a new --out"
+        )
+    return plan
 
 
 def finalize(out: Path, max_reject_fraction: float) -> dict:
     """Merge every shard record into manifest.json (and mean.npy); fail listing unfinished shards or too many rejects."""
     plan = load_plan(out)
-    shape = plan["image_shape"]
     missing, records = [], {}
     for info in plan["splits"].values():
         for shard in info["shards"]:
@@ -56,18 +51,16 @@ def finalize(out: Path, max_reject_fraction: float) -> dict:
             "re-run the same data-prep command (it resumes) or the job-array tasks that failed, then finalize again"
         )
     stats_split = "train" if "train" in plan["splits"] else next(iter(plan["splits"]))
-    stats = ImageStats.zeros(shape)
+    stats = ImageStats.zeros(plan["image_shape"])
     splits, rejected, converted = {}, [], []
     for split, info in plan["splits"].items():
-        shards = []
-        for shard in info["shards"]:
-            r = records[shard["file"]]
-            shards.append({"file": r["file"], "count": r["count"], "sha256": r["sha256"], "bytes": r["bytes"]})
+        shards = [records[shard["file"]] for shard in info["shards"]]
+        for r in shards:
             rejected += [dict(x, split=split) for x in r["rejected"]]
             converted += [dict(x, split=split) for x in r["converted"]]
             if split == stats_split:
                 stats.merge(ImageStats.from_json(r["stats"]))
-        splits[split] = {"count": sum(s["count"] for s in shards), "planned": info["planned"], "shards": shards}
+        splits[split] = {"planned": info["planned"], "shards": shards}
     planned = sum(info["planned"] for info in plan["splits"].values())
     if planned and len(rejected) / planned > max_reject_fraction:
         write_json(out / "rejected.json", rejected)
@@ -77,32 +70,18 @@ def finalize(out: Path, max_reject_fraction: float) -> dict:
             f"top reasons: {reasons}. Every reject is listed in {out / 'rejected.json'}. Fix the inputs, or accept them by re-running with "
             "a larger --max-reject-fraction (finished shards are kept)"
         )
-    write_bytes(out / MEAN_FILE, npy_bytes(stats.mean_image()))
-    manifest = {
-        "schema_version": plan["schema_version"],
-        "source": plan["source"],
-        "encoding": plan["settings"]["encoding"],
-        "compression": plan["settings"]["compression"],
-        "image_shape": shape,
-        "settings": plan["settings"],
-        "classes": plan["classes"],
-        "splits": splits,
-        "mean": MEAN_FILE,
-        "stats_split": stats_split,
-        "stats_units": "uint8 pixel values (0..255)",
-        **stats.summary(),
-        "rejected": rejected,
-        "converted": converted,
-    }
-    write_json(out / MANIFEST, manifest)
-    return manifest
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    """The .npy encoding of `array` (no timestamps: deterministic)."""
-    b = io.BytesIO()
-    np.save(b, array)
-    return b.getvalue()
+    return write_manifest(
+        out,
+        source=plan["source"],
+        settings=plan["settings"],
+        image_shape=plan["image_shape"],
+        classes=plan["classes"],
+        splits=splits,
+        stats=stats,
+        stats_split=stats_split,
+        rejected=rejected,
+        converted=converted,
+    )
 
 
 def verify(out: Path) -> list[str]:
@@ -152,7 +131,8 @@ def describe(out: Path, per_class: bool = True) -> str:
         if per_class:
             counts = Counter()
             for s in info["shards"]:
-                counts.update({int(k): int(v) for k, v in zip(*np.unique(_labels(out / s["file"]), return_counts=True))})
+                with ShardReader(out / s["file"]) as r:
+                    counts.update({int(k): int(v) for k, v in zip(*np.unique(r.labels, return_counts=True))})
             shown = ", ".join(f"{m['classes'][k]['name'].split(',')[0]}={counts[k]}" for k in sorted(counts)[:12])
             more = f" … ({len(counts)} classes)" if len(counts) > 12 else ""
             lines.append(f"        per class: {shown}{more}")
@@ -165,10 +145,3 @@ def describe(out: Path, per_class: bool = True) -> str:
     for r in m["rejected"][:5]:
         lines.append(f"    e.g. {r['path']}: {r['reason']}")
     return "\n".join(lines)
-
-
-def _labels(path: Path) -> np.ndarray:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        return f["labels"][...]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import threading
 import time
 from collections import deque
@@ -20,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.decode import encode_jpeg
 from data_prep.sources.base import Options, PrepError, Source
 from hpcdnn.atomic import remove_stale_tmp, write_json
-from hpcdnn.data.schema import JPEG_QUALITY, SCHEMA_VERSION, ShardSchema, sha256_file, shard_name
+from hpcdnn.data.jpeg import encode_jpeg
+from hpcdnn.data.schema import SCHEMA_VERSION, SPLITS, ShardSchema, sha256_file, shard_name
 from hpcdnn.kernels.stats import ImageStats
+from hpcdnn.progress import Bar
 
 PLAN = "plan.json"
 PARTS = ".parts"
@@ -34,7 +34,7 @@ PARTS = ".parts"
 class Settings:
     """Everything that decides the output bytes; recorded in plan.json and checked on every re-run."""
 
-    encoding: str = "raw"  # raw uint8 pixels or jpeg (quality 90) bytes
+    encoding: str = "raw"  # raw uint8 pixels or jpeg bytes (hpcdnn.data.jpeg, quality JPEG_QUALITY)
     compression: str = "none"  # raw only: none | lzf | gzip
     shard_size: int = 1024  # images per shard (1024 raw 256x256x3 images ~ 200 MB)
     seed: int = 0  # shuffle seed: the order of samples across shards
@@ -76,7 +76,7 @@ def make_plan(source: Source, settings: Settings) -> dict:
 def shard_items(source: Source, split: str, settings: Settings) -> list[list]:
     """Items of each shard of `split` in the planned (shuffled) order."""
     items = source.splits[split]
-    rng = np.random.default_rng([settings.seed, ("train", "val", "test").index(split)])
+    rng = np.random.default_rng([settings.seed, SPLITS.index(split)])
     perm = rng.permutation(len(items))
     return [[items[j] for j in perm[k : k + settings.shard_size]] for k in range(0, len(items), settings.shard_size)]
 
@@ -129,32 +129,6 @@ class ShardStats:
         return total
 
 
-class Progress:
-    """A tqdm bar on a terminal; a plain line every `every` seconds otherwise (Slurm logs)."""
-
-    def __init__(self, total: int, label: str, enabled: bool, every: float = 30.0):
-        self.total, self.label, self.enabled, self.every = total, label, enabled, every
-        self.done, self.start, self.last = 0, time.perf_counter(), time.perf_counter()
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=label, unit="img", smoothing=0.1)
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled and time.perf_counter() - self.last >= self.every:
-            self.last = time.perf_counter()
-            rate = self.done / (self.last - self.start)
-            print(f"[data-prep] {self.label}: {self.done}/{self.total} images, {rate:.0f} img/s", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def decode_into(source: Source, split: str, item, opts: Options, buf: np.ndarray, pos: int, stats: ShardStats, encoding: str):
     """Worker-thread body: decode one item into buf[pos] and its statistics; returns the Decoded (pixels dropped) and JPEG bytes."""
     d = source.load(item, split, opts)
@@ -163,7 +137,7 @@ def decode_into(source: Source, split: str, item, opts: Options, buf: np.ndarray
         buf[pos] = d.array
         stats.add(d.array)
         if encoding == "jpeg":
-            data = encode_jpeg(d.array, JPEG_QUALITY)
+            data = encode_jpeg(d.array)
         d.array = None
     return d, data
 
@@ -216,9 +190,10 @@ def run(source: Source, plan: dict, out: Path, settings: Settings, *, worker: in
             g += 1
     (out / PARTS).mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs if not is_done(out, j["file"])]
-    progress = Progress(sum(len(j["items"]) for j in todo), f"worker {worker}/{workers}" if workers > 1 else "data-prep", show)
+    label = f"data-prep worker {worker}/{workers}" if workers > 1 else "data-prep"
+    progress = Bar(sum(len(j["items"]) for j in todo), enabled=show, unit="image", desc=label)
     t0, images = time.perf_counter(), 0
-    with ThreadPoolExecutor(max(1, threads)) as pool:
+    with ThreadPoolExecutor(max(1, threads)) as pool, progress:
         pending: deque = deque()
 
         def submit(job):
@@ -241,5 +216,4 @@ def run(source: Source, plan: dict, out: Path, settings: Settings, *, worker: in
                 progress.update()
             write_shard(out, job, buf, results, stats.total(), schema, len(source.classes), source.name)
             images += len(job["items"])
-    progress.close()
     return {"shards_written": len(todo), "shards_skipped": len(jobs) - len(todo), "images": images, "seconds": time.perf_counter() - t0}

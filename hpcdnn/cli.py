@@ -2,9 +2,10 @@
 
   hpcdnn train [--config PRESET|FILE.toml] [--resume] [--key=value ...]
   mpirun -n N python -m mpi4py -m hpcdnn train --topology=downpour|allreduce|sandblaster [...]
-  hpcdnn eval  --run_dir RUN [--ten_crop] [--data DIR]
+  hpcdnn eval  --run-dir RUN [--ten-crop] [--data DIR]
   hpcdnn plot  RUN [RUN ...] -o out.png
-Presets live in hpcdnn/configs/ (fashion_small, imagenet_alexnet); every Config field is a --key=value override.
+Presets live in hpcdnn/configs/ (fashion_small, imagenet_alexnet); every Config field is a --key=value override
+(`hpcdnn train --help` lists them). Flags take dashes or underscores alike: --run-dir or --run_dir.
 """
 
 from __future__ import annotations
@@ -16,7 +17,46 @@ import os
 import signal
 import sys
 
-from hpcdnn.config import load_config
+from hpcdnn import tensorboard
+from hpcdnn.config import describe_fields, load_config
+
+
+def config_help() -> str:
+    """Every Config key with its type, default and source comment, grouped as in hpcdnn/config.py (the epilog of train --help)."""
+    docs = describe_fields()
+    keys = [f"--{d.name}={d.default}" for d in docs]
+    width = min(max(map(len, keys)), 32)
+    lines = ["config keys: --key=value or --key value, '-' or '_' in names; a preset sets them first, the command line last"]
+    group = None
+    for d, key in zip(docs, keys):
+        if d.group != group:
+            group = d.group
+            lines.append(f"\n  # {group}")
+        lines.append(f"  {key:<{width}}  {d.type:<5}  {d.comment}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The subcommands and their options; every flag takes both spellings (--run-dir and --run_dir)."""
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="hpcdnn", description=__doc__, formatter_class=raw)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # allow_abbrev=False: an override like --res=... must reach the config (and be refused there), not become --resume
+    t = sub.add_parser("train", help="train a model; any Config key as --key=value (see train --help)", formatter_class=raw,
+                       usage="hpcdnn train [-h] [--config PRESET|FILE.toml] [--resume] [--show-config] [--key=value ...]",
+                       epilog=config_help(), allow_abbrev=False)  # fmt: skip
+    t.add_argument("--config", help="preset name in hpcdnn/configs or a .toml path")
+    t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.h5")
+    t.add_argument("--show-config", "--show_config", action="store_true", help="print the resolved config and exit")
+    e = sub.add_parser("eval", help="top-1/top-5 of a run's checkpoint (centre crop, optionally 10-crop)")
+    e.add_argument("--run-dir", "--run_dir", required=True)
+    e.add_argument("--ten-crop", "--ten_crop", action="store_true")
+    e.add_argument("--data", help="evaluate on another data-prep directory")
+    e.add_argument("--split", help="split to evaluate (default: the run's validation split)")
+    p = sub.add_parser("plot", help="loss and accuracy curves of one or more runs")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("-o", "--out", default="runs.png")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,20 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)
         except (AttributeError, OSError, ValueError):  # no file-backed stderr (embedded interpreters): no dumps
             pass
-    parser = argparse.ArgumentParser(prog="hpcdnn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    t = sub.add_parser("train", help="train a model (topology local); any Config field as --key=value")
-    t.add_argument("--config", help="preset name in hpcdnn/configs or a .toml path")
-    t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.h5")
-    t.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
-    e = sub.add_parser("eval", help="top-1/top-5 of a run's checkpoint (centre crop, optionally 10-crop)")
-    e.add_argument("--run_dir", "--run-dir", required=True)
-    e.add_argument("--ten_crop", "--ten-crop", action="store_true")
-    e.add_argument("--data", help="evaluate on another data-prep directory")
-    e.add_argument("--split", help="split to evaluate (default: the run's validation split)")
-    p = sub.add_parser("plot", help="loss and accuracy curves of one or more runs")
-    p.add_argument("runs", nargs="+")
-    p.add_argument("-o", "--out", default="runs.png")
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     comm = None
     try:
@@ -54,9 +81,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.show_config:
                 print(cfg.to_toml(), end="")
                 return 0
+            if cfg.tensorboard:  # now, not after the data load and model build
+                tensorboard.require()
+            from hpcdnn.topologies import topology
             from hpcdnn.train import train
 
-            if cfg.topology != "local":
+            if topology(cfg.topology).servers(cfg) is not None:  # a topology that runs under MPI
                 from mpi4py import MPI
 
                 comm = MPI.COMM_WORLD
@@ -78,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"hpcdnn: wrote {plot_runs(args.runs, args.out)}")
         return 0
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, tensorboard.MissingTensorBoard) as err:
         where = f" (rank {comm.Get_rank()})" if comm is not None and comm.Get_size() > 1 else ""
         print(f"hpcdnn: error{where}: {err}", file=sys.stderr, flush=True)
         if where:

@@ -11,6 +11,9 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from hpcdnn.models import MODELS, default_crop, default_model
+from hpcdnn.topologies import TOPOLOGIES, topology
+
 PRESETS = Path(__file__).parent / "configs"
 
 
@@ -21,7 +24,7 @@ class Config:
     # data and model
     data: str = "data/fashion-mnist"  # data-prep output directory (holds manifest.json)
     val_split: str = "auto"  # split to evaluate on: auto = val if present, else test
-    model: str = "auto"  # alexnet | alexnet_small | auto (alexnet for >= 200 px images, else alexnet_small)
+    model: str = "auto"  # hpcdnn.models.MODELS: alexnet | alexnet_small | auto (alexnet for >= 200 px images, else alexnet_small)
     crop: int = 0  # training crop side; 0 = 227 for alexnet (the paper's 224 + its padding), the image side for small nets
     pad: int = 0  # zero-pad (after mean subtraction) for random crops of small images
     flip: bool = True  # random horizontal flips
@@ -40,7 +43,7 @@ class Config:
     plateau_patience: int = 1  # plateau schedule: epochs without improvement before the lr drops
     warmup_epochs: int = 0  # linear lr warm-up from lr/10 (0 = none)
     # runtime
-    topology: str = "local"  # local (one process) | downpour | allreduce | sandblaster (these run under mpirun)
+    topology: str = "local"  # hpcdnn.topologies.TOPOLOGIES: local (one process) | allreduce | downpour | sandblaster (mpirun)
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 = the CPUs of this process
     seed: int = 0  # seeds the model init, the sample order and the augmentation
@@ -48,6 +51,7 @@ class Config:
     log_every: int = 50  # steps between metrics lines
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch only
     eval_ten_crop: bool = False  # final evaluation also with AlexNet's 10-crop (slower)
+    tensorboard: bool = False  # also write metrics and summary as TensorBoard scalars in run_dir/tensorboard (needs hpcdnn[tensorboard])
     max_steps: int = 0  # stop after this many steps in total (0 = no limit; for tests and smoke runs)
     # distributed runs: mpirun -n N python -m mpi4py -m hpcdnn train --topology=...
     servers: int = 1  # downpour: parameter-server ranks, each owning one shard of the flat parameter vector
@@ -79,10 +83,10 @@ class Config:
         choices = {
             "optimizer": ("sgd", "adagrad"),
             "lr_schedule": ("plateau", "step", "cosine", "constant"),
-            "topology": ("local", "downpour", "allreduce", "sandblaster"),
+            "topology": tuple(TOPOLOGIES),
             "placement": ("first", "last", "env"),
             "staleness_policy": ("drop", "scale"),
-            "model": ("auto", "alexnet", "alexnet_small"),
+            "model": ("auto", *MODELS),
             "sb_line_search": ("wolfe", "armijo", "none"),
         }
         for key, allowed in choices.items():
@@ -119,12 +123,7 @@ class Config:
         ):
             if getattr(self, key) < 0:
                 raise ValueError(f"--{key}={getattr(self, key)!r} must be >= 0")
-
-        if self.topology == "downpour" and self.lr_schedule == "plateau":
-            raise ValueError(
-                "--topology=downpour with --lr_schedule=plateau: only the root worker evaluates, so the others could not "
-                "follow a plateau schedule; use --lr_schedule=cosine, step or constant"
-            )
+        topology(self.topology).check(self)  # what only that topology rules out
 
     def to_toml(self) -> str:
         """The resolved config as TOML (what the run directory keeps)."""
@@ -133,6 +132,17 @@ class Config:
             v = getattr(self, f.name)
             lines.append(f"{f.name} = {_toml_value(v)}")
         return "\n".join(lines) + "\n"
+
+
+def resolve(cfg: Config, manifest: dict) -> tuple[str, str, int]:
+    """The model name, evaluation split and crop that `cfg` means for the data set described by `manifest`."""
+    shape = tuple(manifest["image_shape"])
+    model = cfg.model if cfg.model != "auto" else default_model(shape)
+    splits = manifest["splits"]
+    val = cfg.val_split if cfg.val_split != "auto" else ("val" if "val" in splits else "test")
+    if val not in splits:
+        raise ValueError(f"--val_split={val}: {cfg.data} has splits {sorted(splits)}")
+    return model, val, cfg.crop or default_crop(model, shape)
 
 
 def _toml_value(v) -> str:
@@ -206,3 +216,52 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None) -
     cfg = apply(cfg, parse_overrides(overrides or []), "command line")
     cfg.validate()
     return cfg
+
+
+@dataclass(frozen=True)
+class FieldDoc:
+    """One Config key as `hpcdnn train --help` lists it."""
+
+    group: str  # the comment heading above the field in the source ("data and model"); "" before the first heading
+    name: str
+    type: str  # bool | int | float | str
+    default: str  # as the command line spells it (true, 0.01, runs/default; "" for an empty string)
+    comment: str  # the comment at the end of the field's line; "" when it has none (tests/test_config.py refuses that)
+
+
+def describe_fields(cls: type = Config) -> list[FieldDoc]:
+    """Every field of the dataclass `cls` in source order, with the comment written beside it.
+
+    The source comments are the documentation (a comment on every default), so the help prints them instead of a copy
+    that could drift; they are read with tokenize (comments) and ast (field lines), not a regex over the text.
+    """
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {}  # line -> (text, whole line is a comment)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), tok.line.lstrip().startswith("#"))
+    by_name = {f.name: f for f in fields(cls)}
+    out, group, after = [], "", 0
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in by_name):
+            continue  # the docstring, methods, ClassVars
+        headings = [comments[n][0] for n in range(after + 1, node.lineno) if comments.get(n, ("", False))[1]]
+        group = headings[-1] if headings else group
+        beside = [comments[n][0] for n in range(node.lineno, node.end_lineno + 1) if n in comments and not comments[n][1]]
+        f = by_name[node.target.id]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        default = (default or '""') if isinstance(default, str) else _toml_value(default)
+        out.append(FieldDoc(group, f.name, f.type if isinstance(f.type, str) else f.type.__name__, default, beside[-1] if beside else ""))
+        after = node.end_lineno
+    return out

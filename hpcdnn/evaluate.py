@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hpcdnn import checkpoint as ck
-from hpcdnn.config import Config, apply
+from hpcdnn.config import Config, apply, resolve
 
 
 @torch.no_grad()
@@ -46,7 +46,7 @@ def evaluate_run(run_dir: str | Path, ten_crop: bool = False, data: str | None =
     from hpcdnn.data.schema import load_manifest
     from hpcdnn.models import build_model
     from hpcdnn.models.flat import FlatParams
-    from hpcdnn.train import pick_device, resolve
+    from hpcdnn.placement import pick_device
 
     saved = ck.load(Path(run_dir) / ck.LATEST)
     cfg = apply(Config(), tomllib.loads(saved.config), "checkpoint")

@@ -1,26 +1,32 @@
-"""Run bookkeeping on the root rank: metrics.jsonl (one JSON object per line), a progress bar, summary.json."""
+"""Run bookkeeping on the root rank: metrics.jsonl (one JSON object per line), summary.json; optionally TensorBoard."""
 
 from __future__ import annotations
 
 import json
-import sys
-import time
 from pathlib import Path
 
 from hpcdnn.atomic import write_json
+from hpcdnn.tensorboard import TB_DIR, TensorBoardLog, scalar_tags
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 
 
 class MetricsLog:
-    """Append-only JSONL log; on resume, lines past the checkpoint's step are dropped so the log matches the state."""
+    """Append-only JSONL log; on resume, lines past the checkpoint's step are dropped so the log matches the state.
 
-    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None):
-        self.path = run_dir / METRICS
-        self.enabled = enabled
+    With tensorboard=True every line also goes to run_dir/tensorboard as scalars at its `step` (tags: hpcdnn/tensorboard.py),
+    and a resumed run purges the events past resume_step there too.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None, tensorboard: bool = False):
+        self.run_dir, self.path = run_dir, run_dir / METRICS
+        self.enabled, self.tb = enabled, None
+        self.last_step = resume_step or 0  # where write_summary puts the summary's scalars
         if not enabled:
             return
+        if tensorboard:  # first: a missing package fails before metrics.jsonl is touched
+            self.tb = TensorBoardLog(run_dir / TB_DIR, resume_step=resume_step)
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
@@ -29,13 +35,31 @@ class MetricsLog:
         self.file = open(self.path, "a")
 
     def log(self, **record) -> None:
-        if self.enabled:
-            self.file.write(json.dumps(record, sort_keys=True) + "\n")
-            self.file.flush()
+        """One metrics line (and, with TensorBoard, its numeric fields at record['step'])."""
+        if not self.enabled:
+            return
+        if self.tb is not None and "step" not in record:
+            raise ValueError(f"metrics record {sorted(record)} has no step: TensorBoard needs log(step=..., ...) for its x-axis")
+        self.file.write(json.dumps(record, sort_keys=True) + "\n")
+        self.file.flush()
+        if "step" in record:
+            self.last_step = max(self.last_step, int(record["step"]))
+        if self.tb is not None:
+            self.tb.scalars(int(record["step"]), scalar_tags(record))
+
+    def write_summary(self, summary: dict) -> None:
+        """summary.json, and with TensorBoard its numbers as summary/<key> scalars at the last step logged."""
+        if not self.enabled:
+            return
+        write_summary(self.run_dir, summary)
+        if self.tb is not None:
+            self.tb.scalars(self.last_step, scalar_tags(summary, group="summary"))
 
     def close(self) -> None:
         if self.enabled:
             self.file.close()
+            if self.tb is not None:
+                self.tb.close()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -47,31 +71,5 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
+    """summary.json, written atomically (MetricsLog.write_summary also adds it to TensorBoard)."""
     write_json(run_dir / SUMMARY, summary)
-
-
-class Bar:
-    """tqdm on a terminal, else a plain line every `every` seconds (batch logs stay readable)."""
-
-    def __init__(self, total: int, initial: int, enabled: bool, every: float = 30.0):
-        self.enabled, self.every, self.last, self.bar = enabled, every, time.perf_counter(), None
-        self.total, self.n = total, initial
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-
-    def update(self, **postfix) -> None:
-        self.n += 1
-        if self.bar is not None:
-            self.bar.update(1)
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
-        elif self.enabled and time.perf_counter() - self.last >= self.every:
-            self.last = time.perf_counter()
-            extra = " ".join(f"{k}={v}" for k, v in postfix.items())
-            print(f"[hpcdnn] step {self.n}/{self.total} {extra}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -7,14 +7,12 @@
 The one rule behind every thread count: ranks x threads <= the CPUs this process may use (its affinity, or Slurm's
 --cpus-per-task), or throughput halves. torch and Numba share one OpenMP runtime; how a Numba kernel runs without
 disturbing torch's count is `hpcdnn.kernels.jit.numba_threads`. MPI is imported only by the functions that take a
-communicator, so importing this module never initialises MPI.
+communicator, so importing this module never initialises MPI (nor imports torch: data-prep starts fast).
 """
 
 from __future__ import annotations
 
 import os
-
-import torch
 
 from hpcdnn.kernels.jit import numba_threads
 
@@ -32,8 +30,10 @@ def default_threads(local_ranks: int = 1) -> int:
     return max(1, usable_cpus() // max(1, local_ranks))
 
 
-def pick_device(name: str, local: int = 0) -> torch.device:
+def pick_device(name: str, local: int = 0):
     """CUDA when present (or asked for), else CPU; never hard-coded. Ranks sharing a node take GPUs round-robin."""
+    import torch
+
     if name == "auto":
         return torch.device(f"cuda:{local % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -70,12 +70,16 @@ def threads_per_rank(comm, computing: bool = True) -> int:
 
 def set_threads(threads: int) -> None:
     """Use `threads` in torch and in Numba's parallel kernels (one OpenMP runtime: Numba first, torch last)."""
+    import torch
+
     numba_threads(threads)
     torch.set_num_threads(threads)
 
 
 def keep_threads(threads: int) -> None:
     """Put torch's thread count back to `threads` if a first parallel Numba kernel reset the shared OpenMP pool."""
+    import torch
+
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 
@@ -83,7 +87,7 @@ def keep_threads(threads: int) -> None:
 class Placement:
     """A rank's device and thread count, decided once by the driver."""
 
-    def __init__(self, device: torch.device, threads: int, node_rank: int = 0) -> None:
+    def __init__(self, device, threads: int, node_rank: int = 0) -> None:
         self.device, self.threads, self.node_rank = device, threads, node_rank
 
     @classmethod
@@ -92,6 +96,6 @@ class Placement:
         node_rank = local_rank(comm) if comm is not None else 0
         if not threads:
             threads = threads_per_rank(comm, computing) if comm is not None else usable_cpus()
-        dev = pick_device(device, node_rank) if computing else torch.device("cpu")
+        dev = pick_device(device if computing else "cpu", node_rank)
         set_threads(threads)
         return cls(dev, threads, node_rank)

@@ -1,296 +1,228 @@
-"""Train one model replica: config → data → model → optimizer → loop → evaluation, checkpoints and metrics.
+"""The one training driver: config → roles and placement → data set and model → topology → loop → checkpoints,
+evaluation, metrics and summary, for every topology (hpcdnn/topologies: local, allreduce, downpour, sandblaster).
 
     hpcdnn train --config fashion_small --run_dir runs/fm              # Fashion-MNIST, alexnet_small, 2 CPU cores
     hpcdnn train --config fashion_small --run_dir runs/fm --resume     # continue exactly where it stopped
     hpcdnn train --config imagenet_alexnet --data /scratch/imagenet --run_dir runs/alexnet
-    hpcdnn eval --run_dir runs/fm [--ten_crop]
-
-    mpirun -n 3 python -m mpi4py -m hpcdnn train --config fashion_small --topology=downpour --servers=1 --optimizer=adagrad
+    mpirun -n 3 python -m mpi4py -m hpcdnn train --config fashion_downpour --servers=1
     mpirun -n 2 python -m mpi4py -m hpcdnn train --config fashion_small --topology=allreduce
-    mpirun -n 3 python -m mpi4py -m hpcdnn train --config fashion_sandblaster --topology=sandblaster
+    mpirun -n 3 python -m mpi4py -m hpcdnn train --config fashion_sandblaster
 
-One loop serves the local, allreduce and Downpour topologies (hpcdnn/topology.py: what happens after backward);
-Downpour's server ranks only serve (hpcdnn/mpi/param_server.py); Sandblaster, a batch optimizer, has its own loop.
-SIGUSR1 or SIGTERM (Slurm's --signal=B:USR1@lead, preemption, time limit): every rank finishes its step, the root
-writes a checkpoint and run_dir/preempted.json, and the run exits 0; `--resume` continues it.
+A topology says what a step is (hpcdnn/topologies/base.py); this file counts steps, logs, checkpoints, evaluates
+and stops. SIGUSR1 or SIGTERM (Slurm's --signal=B:USR1@lead, preemption, time limit): every rank finishes its step,
+the root writes a checkpoint and run_dir/preempted.json, and the run exits 0; `--resume` continues it.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
+import tomllib
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from hpcdnn import checkpoint as ck
 from hpcdnn import stop as stopsig
 from hpcdnn.atomic import write_bytes
-from hpcdnn.config import Config, apply
+from hpcdnn.config import Config, apply, resolve
 from hpcdnn.data.loader import ShardLoader
 from hpcdnn.data.schema import load_manifest
 from hpcdnn.evaluate import evaluate
-from hpcdnn.metrics import Bar, MetricsLog, write_summary
-from hpcdnn.models import build_model, default_model
+from hpcdnn.metrics import MetricsLog
+from hpcdnn.models import build_model
 from hpcdnn.models.flat import FlatParams
-from hpcdnn.mpi.roles import set_threads
 from hpcdnn.optim import Schedule
-from hpcdnn.topologies.sgd import Allreduce, Downpour, Local, restore_servers
+from hpcdnn.placement import Placement
+from hpcdnn.progress import Bar
+from hpcdnn.topologies import topology
+from hpcdnn.topologies.base import Run
 
-# keys that may differ between a run and its resumption: they do not change the trajectory (the Sandblaster timing
-# knobs change only which rank computes which portion)
+# keys a resumed run may change: they do not change the trajectory (topologies add their own: `resumable`)
 RESUMABLE = {"epochs", "max_steps", "log_every", "checkpoint_every", "eval_ten_crop", "device", "threads", "run_dir", "placement",
-             "slow_rank", "slow_factor", "sb_backup_after", "sb_dynamic"}  # fmt: skip
+             "tensorboard"}  # fmt: skip
 
 
-def pick_device(name: str, local: int = 0) -> torch.device:
-    """CUDA when present (or asked for), else CPU; never hard-coded. Ranks sharing a node take GPUs round-robin."""
-    if name == "auto":
-        return torch.device(f"cuda:{local % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device={name} but torch sees no CUDA device; use --device=auto or cpu")
-    return torch.device(name)
+@dataclass
+class Position:
+    """Where the run is: steps so far, the epoch, steps done in it, training seconds, the last evaluation."""
 
-
-def local_rank(comm) -> int:
-    """This rank's index among the ranks of `comm` on the same node (collective)."""
-    from mpi4py import MPI
-
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    rank = node.Get_rank()
-    node.Free()
-    return rank
-
-
-def resolve(cfg: Config, manifest: dict) -> tuple[str, str, int]:
-    """The model name, evaluation split and crop implied by `cfg` and the data set."""
-    shape = tuple(manifest["image_shape"])
-    model = cfg.model if cfg.model != "auto" else default_model(shape)
-    splits = manifest["splits"]
-    val = cfg.val_split if cfg.val_split != "auto" else ("val" if "val" in splits else "test")
-    if val not in splits:
-        raise ValueError(f"--val_split={val}: {cfg.data} has splits {sorted(splits)}")
-    crop = cfg.crop or (227 if model == "alexnet" else shape[0])
-    return model, val, crop
-
-
-def check_resume(cfg: Config, saved: Config) -> None:
-    """A resumed run must keep every setting that shapes its trajectory."""
-    diff = [k for k in vars(cfg) if k not in RESUMABLE and getattr(cfg, k) != getattr(saved, k)]
-    if diff:
-        detail = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in diff)
-        raise ValueError(f"--resume with settings that differ from the checkpoint ({detail}); drop those overrides or use a new --run_dir")
-
-
-def rng_states(topo, roles) -> dict | None:
-    """The RNG state(s) a checkpoint keeps: this process's, or (allreduce) every rank's gathered on the root."""
-    mine = ck.capture_rng()
-    if not isinstance(topo, Allreduce):
-        return mine
-    every = roles.comm.gather(mine, root=roles.root)
-    if every is None:
-        return None
-    return {(f"w{r}_{k}" if r else k): v for r, states in enumerate(every) for k, v in states.items()}
+    step: int
+    epoch: int
+    pos: int
+    elapsed: float = 0.0
+    last_val: dict = field(default_factory=dict)
 
 
 def train(cfg: Config, resume: bool = False, comm=None) -> dict:
     """Run (or continue) training as `cfg` says; returns the summary (also written to run_dir/summary.json).
 
-    `comm` (MPI.COMM_WORLD from the CLI) is required for the distributed topologies and ignored for local.
+    `comm` (MPI.COMM_WORLD from the CLI) is required by every topology but local.
     """
-    if cfg.topology == "sandblaster":
-        from hpcdnn.topologies.sandblaster import train_sandblaster
+    kind = topology(cfg.topology)
+    stop = stopsig.install()  # from here on SIGUSR1/SIGTERM only set a flag, on every rank (servers too)
+    run, val_split = setup(cfg, resume, comm, kind)
+    topo = kind(run)  # collective: windows, communicators, restored state
+    if run.is_server:  # Downpour's servers serve until every worker is done
+        topo.serve()
+        topo.close()
+        run.roles.free()
+        stop.close()
+        return {}
+    saved = run.saved
+    at = Position(*topo.position(saved))
+    if saved:
+        at.elapsed, at.last_val = saved.state["elapsed"], saved.state.get("last_val", {})
+    total = sum(topo.steps_in_epoch(e) for e in range(cfg.epochs))
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    if run.is_root:
+        write_bytes(run.run_dir / "config.toml", cfg.to_toml().encode())
+        servers = f", {len(run.roles.servers)} server(s)" if run.roles and run.roles.servers else ""
+        print(f"hpcdnn: {run.model_name} ({run.flat.param_count:,} parameters) on {run.device}, {cfg.topology}: {run.world} worker(s)"
+              f"{servers}, {run.manifest['splits']['train']['count']} training images, {topo.steps_in_epoch(at.epoch)} steps/epoch per "
+              f"worker, {'resuming at step ' + str(at.step) if saved else 'starting'} → {total} steps", flush=True)  # fmt: skip
+    log = MetricsLog(run.run_dir, enabled=run.is_root, resume_step=at.step if saved else None, tensorboard=cfg.tensorboard)
+    val_data = ShardLoader(cfg.data, val_split, 256, train=False, **run.loader_args()) if run.is_root else None
+    stopped = loop(run, topo, at, total, log, val_data, stop)
+    stop.close()
+    topo.finish(at.epoch, at.pos)  # Downpour: last push, report done; the root waits for every worker
+    if topo.final_checkpoint:
+        save_checkpoint(run, topo, at)
 
-        return train_sandblaster(cfg, resume, comm)
-    # ---- roles, threads, checkpoint, data, model
-    roles = None
-    if cfg.topology != "local":
-        from hpcdnn.mpi.roles import split_roles
+    summary = {}
+    if stopped:
+        if run.is_root:
+            stopsig.mark_preempted(run.run_dir, at.step, stop.received)
+        summary = {"preempted": True, "steps": at.step}
+    else:
+        summary = final_summary(run, topo, at, log, val_data, val_split)
+    log.close()
+    if val_data is not None:
+        val_data.close()
+    topo.close()
+    if run.roles:
+        run.roles.free()
+    return summary
 
+
+def setup(cfg: Config, resume: bool, comm, kind) -> tuple[Run, str]:
+    """Roles, placement, the checkpoint to resume from, the data set's manifest and the model (collective)."""
+    from pathlib import Path
+
+    n_servers, roles = kind.servers(cfg), None
+    if n_servers is not None:
         if comm is None:
             raise ValueError(f"--topology={cfg.topology} runs under MPI: mpirun -n N python -m mpi4py -m hpcdnn train ...")
-        roles = split_roles(comm, cfg.servers if cfg.topology == "downpour" else 0, cfg.placement)
+        from hpcdnn.mpi.roles import split_roles
+
+        roles = split_roles(comm, n_servers, cfg.placement)
     is_root, is_server = roles is None or roles.is_root, roles is not None and roles.is_server
-    stop = stopsig.install()  # from here on SIGUSR1/SIGTERM only set a flag, on every rank (servers too: they end with the workers)
-    rank, world = (roles.index, len(roles.workers)) if roles and not is_server else (0, 1)
-    run_dir = Path(cfg.run_dir)
     if is_root:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    node_rank = local_rank(comm) if roles else 0  # collective: every rank, servers too
-    device = torch.device("cpu") if is_server else pick_device(cfg.device, node_rank)
-    threads = cfg.threads
-    if not threads:
-        from hpcdnn.mpi.roles import threads_per_rank
-
-        threads = threads_per_rank(comm, computing=not is_server) if roles else len(os.sched_getaffinity(0))
-    set_threads(threads)
-    saved = ck.load(run_dir / ck.LATEST) if resume else None
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    place = Placement.decide(cfg.device, cfg.threads, roles.comm if roles else None, computing=not is_server)
+    saved = root_result(roles, lambda: ck.load(Path(cfg.run_dir) / ck.LATEST) if resume else None)
     if saved:
-        import tomllib
-
-        check_resume(cfg, apply(Config(), tomllib.loads(saved.config), "checkpoint"))
+        check_resume(cfg, apply(Config(), tomllib.loads(saved.config), "checkpoint"), RESUMABLE | kind.resumable)
     torch.manual_seed(cfg.seed)
     manifest = load_manifest(cfg.data)
     model_name, val_split, crop = resolve(cfg, manifest)
-    num_classes, shape = len(manifest["classes"]), tuple(manifest["image_shape"])
-    model = build_model(model_name, num_classes, shape, crop).to(device)
-    flat = FlatParams(model)
-    if rank:
-        torch.manual_seed(cfg.seed + rank)  # same initial model everywhere, different dropout per replica
-
-    # ---- topology: what happens to a gradient (Downpour's servers serve here until every worker is done)
-    if cfg.topology == "downpour":
-        from hpcdnn.mpi.param_server import ParamServer
-
-        ps = ParamServer(roles, flat.numel, adagrad=cfg.optimizer == "adagrad", atomic_fetch=cfg.atomic_fetch)
-        if is_root:
-            restore_servers(ps, saved) if saved else ps.load(flat.data.detach().cpu().numpy())
-        comm.Barrier()  # the servers hold the starting point before any worker fetches
-        if is_server:
-            ps.serve()
-            ps.free()
-            roles.free()
-            stop.close()
-            return {}
-        topo = Downpour(cfg, flat, roles, ps)
-    else:
-        topo = Allreduce(cfg, flat, roles) if roles else Local(cfg, flat)
-
-    loader_args = dict(crop=crop, pad=cfg.pad, device=device)
-    train_data = ShardLoader(
-        cfg.data, "train", cfg.batch_size, rank=rank, world=world, seed=cfg.seed, train=True, flip=cfg.flip, pca_std=cfg.pca_std,
-        **loader_args,
-    )  # fmt: skip
-    val_data = ShardLoader(cfg.data, val_split, 256, train=False, **loader_args)
-    steps_per_epoch = len(train_data)
-    total = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    model = build_model(model_name, len(manifest["classes"]), tuple(manifest["image_shape"]), crop).to(place.device)
     sched = Schedule(cfg.lr_schedule, cfg.lr, factor=cfg.lr_factor, step_epochs=cfg.lr_step_epochs, patience=cfg.plateau_patience,
                      epochs=cfg.epochs, warmup=cfg.warmup_epochs)  # fmt: skip
-    step, epoch, batch, elapsed, last_val = 0, 0, 0, 0.0, {}
-    if saved:
-        if not isinstance(topo, Downpour):
-            flat.load_flat(saved.params)
+    if saved and "schedule" in saved.state:
         sched.load(saved.state["schedule"])
-        prefix = f"w{rank}_" if rank and isinstance(topo, Allreduce) else ""
-        ck.restore_rng({k[len(prefix) :]: v for k, v in saved.rng.items() if k.startswith(prefix)})
-        step, epoch, batch, elapsed = saved.step, saved.epoch, saved.batch, saved.state["elapsed"]
-        last_val = saved.state.get("last_val", {})
-        if isinstance(topo, Downpour) and not is_root:  # each worker continues from its own position
-            from hpcdnn.mpi import param_server as psv
+    run = Run(cfg, comm, roles, place.device, place.threads, model, FlatParams(model), model_name, crop, manifest, sched, saved)
+    return run, val_split
 
-            row = psv.worker_row(saved.state["ps_counters"], rank)
-            step, epoch, batch = row[psv.STEPS], row[psv.EPOCH], row[psv.BATCH]
-    topo.start(saved)
-    if is_root:
-        write_bytes(run_dir / "config.toml", cfg.to_toml().encode())
-        where = f"{cfg.topology}: {world} worker(s)" + (f", {len(roles.servers)} server(s)" if isinstance(topo, Downpour) else "")
-        print(f"hpcdnn: {model_name} ({flat.param_count:,} parameters) on {device}, {where}, {manifest['splits']['train']['count']} "
-              f"training images, {steps_per_epoch} steps/epoch per worker, {'resuming at step ' + str(step) if saved else 'starting'} "
-              f"→ {total} steps", flush=True)  # fmt: skip
-    log = MetricsLog(run_dir, enabled=is_root, resume_step=step if saved else None)
 
-    def save_checkpoint(next_epoch: int, next_batch: int) -> None:
-        rng = rng_states(topo, roles)  # collective for allreduce: every rank calls save_checkpoint at the same step
-        if is_root:
-            params, optim, extra = topo.state()
-            state = {"schedule": sched.state(), "elapsed": elapsed, "last_val": last_val, "model": model_name, **extra}
-            ck.save(run_dir / ck.LATEST, ck.Checkpoint(params, optim, step, next_epoch, next_batch, cfg.to_toml(), state, rng))
-
-    # ---- the loop: one epoch after another, evaluating and checkpointing at each end
-    stopped = False
-    bar = Bar(total, step, enabled=is_root)
+def loop(run: Run, topo, at: Position, total: int, log: MetricsLog, val_data, stop) -> bool:
+    """Epoch after epoch of the topology's steps, logging, checkpointing and evaluating; True if a signal stopped it."""
+    cfg, stopped = run.cfg, False
+    bar = Bar(total, at.step, enabled=run.is_root)
     window_t, window_images, window_loss = time.perf_counter(), 0, []
-    lr = sched.lr(epoch + batch / steps_per_epoch)
-    while step < total and not stopped:
-        model.train()
+    while at.step < total and not stopped:
         t_last = time.perf_counter()  # training time counts waiting for data, not evaluation
-        for x, y in train_data.iter_epoch(epoch, start_batch=batch):
-            lr = sched.lr(epoch + batch / steps_per_epoch)
-            flat.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            step, batch = step + 1, batch + 1
-            topo.step(lr, epoch, batch)
-            if torch.get_num_threads() != threads:  # a first parallel Numba kernel resets the shared OpenMP pool
-                torch.set_num_threads(threads)
+        n = topo.steps_in_epoch(at.epoch)
+        steps = topo.epoch(at.epoch, at.pos)
+        for result in steps:
+            at.step, at.pos = at.step + 1, at.pos + 1
             now = time.perf_counter()
-            elapsed, t_last = elapsed + now - t_last, now
-            window_images += len(y)
-            window_loss.append(loss.item())
-            bar.update(loss=f"{window_loss[-1]:.3f}", lr=f"{lr:.2g}")
-            if step % cfg.log_every == 0 or step == total:
-                rate = window_images / (time.perf_counter() - window_t)
-                extra = {k: v for k, v in topo.summary().items() if k in ("pushes_applied", "staleness_mean")} if is_root else {}
-                log.log(step=step, epoch=epoch + batch / steps_per_epoch, time=round(elapsed, 3), loss=float(np.mean(window_loss)), lr=lr,
-                        images_per_s=round(rate, 1), **extra)  # fmt: skip
+            at.elapsed, t_last = at.elapsed + now - t_last, now
+            window_images += result.images
+            window_loss.append(result.loss)
+            bar.update(loss=f"{result.loss:.3f}", **result.bar)
+            if at.step % cfg.log_every == 0 or at.step == total:
+                log.log(step=at.step, epoch=round(at.epoch + at.pos / n, 4), time=round(at.elapsed, 3), loss=float(np.mean(window_loss)),
+                        images_per_s=round(window_images / max(now - window_t, 1e-9), 1), **result.log,
+                        **(topo.log_fields() if run.is_root else {}))  # fmt: skip
                 window_t, window_images, window_loss = time.perf_counter(), 0, []
             if topo.stop_requested(stop.received is not None):
                 stopped = True
                 break
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save_checkpoint(epoch, batch)
-            if step >= total:
+            if cfg.checkpoint_every and at.step % cfg.checkpoint_every == 0:
+                save_checkpoint(run, topo, at)
+            if at.step >= total:
                 break
-        if batch >= steps_per_epoch:  # a full epoch: evaluate (root), adapt the rate, checkpoint
-            if is_root:
-                topo.refresh()
-                last_val = evaluate(model, val_data)
-            last_val = topo.share(last_val)
-            epoch, batch = epoch + 1, 0
-            if is_root or last_val:
-                sched.end_epoch(last_val["top1"])
-                log.log(step=step, epoch=epoch, time=round(elapsed, 3), val_top1=last_val["top1"], val_top5=last_val["top5"],
-                        val_loss=last_val["loss"])  # fmt: skip
-            if is_root:
-                print(f"hpcdnn: epoch {epoch}: val top-1 {last_val['top1']:.4f}, top-5 {last_val['top5']:.4f} ({elapsed:.0f} s training)")
+        steps.close()
+        if not stopped and at.pos < n and at.step < total:  # the topology ended the epoch early: only a stop does that
+            stopped = topo.stop_requested(stop.received is not None)
+            if not stopped:
+                raise RuntimeError(f"epoch {at.epoch} ended after {at.pos} of {n} steps without a stop (a bug, please report)")
+        if at.pos >= n:  # a full epoch: evaluate (root), adapt the rate, checkpoint
+            end_epoch(run, topo, at, log, val_data)
             window_t = time.perf_counter()
-        save_checkpoint(epoch, batch)  # Downpour: the root's snapshot of the servers while the others keep pushing
+        save_checkpoint(run, topo, at)  # Downpour: the root's snapshot of the servers while the others keep pushing
     bar.close()
-    stop.close()
-    topo.finish(lr, epoch, batch)  # Downpour: last push, report done; the root waits for every worker
-    if isinstance(topo, Downpour) and is_root:
-        save_checkpoint(epoch, batch)
-
-    # ---- final evaluation and summary on the root; then the collective teardown
-    summary = {}
-    if stopped:
-        if is_root:
-            stopsig.mark_preempted(run_dir, step, stop.received)
-        summary = {"preempted": True, "steps": step}
-    elif is_root:
-        summary = finish_run(cfg, model, flat, topo, val_data, loader_args, val_split, model_name, device, step, steps_per_epoch, elapsed)
-        (run_dir / stopsig.PREEMPTED).unlink(missing_ok=True)
-    log.close()
-    train_data.close()
-    val_data.close()
-    topo.close()
-    if isinstance(topo, Downpour):
-        topo.ps.free()
-    if roles:
-        roles.free()
-    return summary
+    return stopped
 
 
-def finish_run(cfg, model, flat, topo, val_data, loader_args, val_split, model_name, device, step, steps_per_epoch, elapsed) -> dict:
-    """The root's final evaluation (centre crop, optionally 10-crop) and summary.json."""
-    final = evaluate(model, val_data)
+def end_epoch(run: Run, topo, at: Position, log: MetricsLog, val_data) -> None:
+    if run.is_root:
+        topo.refresh()
+        at.last_val = evaluate(run.model, val_data)
+    at.last_val = topo.share(at.last_val)
+    at.epoch, at.pos = at.epoch + 1, 0
+    if at.last_val:
+        run.sched.end_epoch(at.last_val["top1"])
+        log.log(step=at.step, epoch=at.epoch, time=round(at.elapsed, 3), val_top1=at.last_val["top1"], val_top5=at.last_val["top5"],
+                val_loss=at.last_val["loss"])  # fmt: skip
+    if run.is_root:
+        v = at.last_val
+        print(f"hpcdnn: epoch {at.epoch}: val top-1 {v['top1']:.4f}, top-5 {v['top5']:.4f} ({at.elapsed:.0f} s training)", flush=True)
+
+
+def save_checkpoint(run: Run, topo, at: Position) -> None:
+    """Collective where the topology's state is spread over ranks; the root writes."""
+    got = topo.state()
+    if got is None:
+        return
+    params, optim, extra, rng = got
+    state = {"schedule": run.sched.state(), "elapsed": at.elapsed, "last_val": at.last_val, "model": run.model_name, **extra}
+    ck.save(run.run_dir / ck.LATEST, ck.Checkpoint(params, optim, at.step, at.epoch, at.pos, run.cfg.to_toml(), state, rng))
+
+
+def final_summary(run: Run, topo, at: Position, log: MetricsLog, val_data, val_split: str) -> dict:
+    """The root's final evaluation (centre crop, optionally 10-crop) and summary.json, shared as the topology shares."""
+    extra = topo.summary()  # collective (Sandblaster sums its portion counts)
+    if not run.is_root:
+        return topo.share({})
+    cfg = run.cfg
+    topo.refresh()
+    final = evaluate(run.model, val_data)
     if cfg.eval_ten_crop:
-        ten = ShardLoader(cfg.data, val_split, 64, train=False, ten_crop=True, **loader_args)
-        final |= {f"{k}_10crop": v for k, v in evaluate(model, ten).items()}
+        ten = ShardLoader(cfg.data, val_split, 64, train=False, ten_crop=True, **run.loader_args())
+        final |= {f"{k}_10crop": v for k, v in evaluate(run.model, ten).items()}
         ten.close()
-    extra = topo.summary()
-    replicas_steps = sum(extra.get("worker_steps", [])) or step * extra.get("workers", 1)
+    last = min(at.epoch, cfg.epochs - 1)
     summary = {
         "topology": cfg.topology,
-        "model": model_name,
-        "parameters": flat.param_count,
-        "device": str(device),
-        "epochs": round(step / steps_per_epoch, 3),
-        "steps": step,
-        "images_per_s": round(replicas_steps * cfg.batch_size / max(elapsed, 1e-9), 1),
-        "train_time_s": round(elapsed, 2),
+        "model": run.model_name,
+        "parameters": run.flat.param_count,
+        "device": str(run.device),
+        "epochs": round(at.epoch + at.pos / topo.steps_in_epoch(last), 3),
+        "steps": at.step,
+        "images_per_s": round(topo.images(at.step) / max(at.elapsed, 1e-9), 1),
+        "train_time_s": round(at.elapsed, 2),
         "val_split": val_split,
         "val_top1": final["top1"],
         "val_top5": final["top5"],
@@ -299,8 +231,31 @@ def finish_run(cfg, model, flat, topo, val_data, loader_args, val_split, model_n
     }
     if cfg.eval_ten_crop:
         summary.update(val_top1_10crop=final["top1_10crop"], val_top5_10crop=final["top5_10crop"])
-    write_summary(Path(cfg.run_dir), summary)
-    print(
-        f"hpcdnn: done: val top-1 {final['top1']:.4f}, top-5 {final['top5']:.4f}; {summary['images_per_s']} img/s; summary in {cfg.run_dir}"
-    )
-    return summary
+    log.write_summary(summary)  # summary.json (and TensorBoard)
+    (run.run_dir / stopsig.PREEMPTED).unlink(missing_ok=True)
+    print(f"hpcdnn: done: val top-1 {final['top1']:.4f}, top-5 {final['top5']:.4f}; {summary['images_per_s']} img/s; summary in {cfg.run_dir}")
+    return topo.share(summary)
+
+
+def check_resume(cfg: Config, saved: Config, resumable: set[str]) -> None:
+    """A resumed run must keep every setting that shapes its trajectory."""
+    diff = [k for k in vars(cfg) if k not in resumable and getattr(cfg, k) != getattr(saved, k)]
+    if diff:
+        detail = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in diff)
+        raise ValueError(f"--resume with settings that differ from the checkpoint ({detail}); drop those overrides or use a new --run_dir")
+
+
+def root_result(roles, fn):
+    """fn() on the root, broadcast to every rank with the exception it raised (every rank raises it): one reader."""
+    if roles is None:
+        return fn()
+    result = None
+    if roles.is_root:
+        try:
+            result = fn()
+        except (OSError, ValueError) as e:
+            result = e
+    result = roles.comm.bcast(result, root=roles.root)
+    if isinstance(result, Exception):
+        raise result
+    return result

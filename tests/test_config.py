@@ -1,10 +1,18 @@
-"""Config: presets load, overrides are type-checked, unknown keys are refused listing the valid ones."""
+"""Config: presets load, overrides are type-checked, unknown keys are refused listing the valid ones; train --help lists
+every key with its type, default and comment; flags take dashes or underscores."""
 
+import inspect
+import re
+import subprocess
+import sys
 import tomllib
+from dataclasses import dataclass, fields
 
 import pytest
 
-from hpcdnn.config import PRESETS, Config, apply, load_config, parse_overrides
+import hpcdnn.config
+from hpcdnn.cli import build_parser
+from hpcdnn.config import PRESETS, Config, apply, describe_fields, load_config, parse_overrides
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS.glob("*.toml")))
@@ -46,3 +54,63 @@ def test_bad_overrides_refused(args, message):
 def test_unknown_preset_lists_presets():
     with pytest.raises(ValueError, match="fashion_small"):
         load_config("nope")
+
+
+def train_help(capsys) -> str:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    return capsys.readouterr().out
+
+
+def test_train_help_lists_every_key_with_default_and_comment(capsys):
+    text = train_help(capsys)
+    source = inspect.getsource(hpcdnn.config)
+    for f in fields(Config):
+        # read independently of describe_fields: the field's line in config.py must carry a comment (document new keys)
+        line = re.search(rf"^    {f.name}: {f.type} = (?:\(\n\s+)?.+?  # (.+)$", source, re.M)  # ruff wraps long ones in ( )
+        assert line, f"Config.{f.name} has no comment on its line in hpcdnn/config.py: add one (`{f.name}: ... = ...  # what and why`)"
+        default = getattr(Config(), f.name)
+        shown = ("true" if default else "false") if isinstance(default, bool) else default if isinstance(default, str) else repr(default)
+        row = re.search(rf"^  --{f.name}=(\S+) +(\w+) +(.+)$", text, re.M)
+        assert row, f"--{f.name} missing from hpcdnn train --help"
+        assert row.groups() == (shown, f.type, line.group(1).strip())
+    for heading in ("# data and model", "# optimisation", "# runtime", "# sandblaster"):
+        assert heading in text
+
+
+def test_describe_fields_reports_an_undocumented_field():
+    @dataclass
+    class Example:
+        # first group
+        a: int = 1  # documented
+        b: str = "x"
+        # second group
+        c: float = 0.5  # also documented
+
+    docs = describe_fields(Example)
+    assert [(d.group, d.name, d.type, d.default, d.comment) for d in docs] == [
+        ("first group", "a", "int", "1", "documented"),
+        ("first group", "b", "str", "x", ""),
+        ("second group", "c", "float", "0.5", "also documented"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        "--show-config --run-dir=/tmp/rd",
+        "--show_config --run_dir /tmp/rd",
+        "--show-config --run-dir /tmp/rd",
+        "--show_config --run_dir=/tmp/rd",
+    ],
+)
+def test_train_flags_take_dashes_or_underscores(args):
+    done = subprocess.run([sys.executable, "-m", "hpcdnn", "train", *args.split()], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert 'run_dir = "/tmp/rd"' in done.stdout.splitlines()
+
+
+@pytest.mark.parametrize("run_dir,ten_crop", [("--run-dir", "--ten-crop"), ("--run_dir", "--ten_crop")])
+def test_eval_flags_take_dashes_or_underscores(run_dir, ten_crop):
+    args = build_parser().parse_args(["eval", run_dir, "runs/x", ten_crop])
+    assert (args.run_dir, args.ten_crop) == ("runs/x", True)

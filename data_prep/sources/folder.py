@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from data_prep.sources.base import PrepError, Source, class_dirs, list_files, missing_error
+from hpcdnn.data.schema import SPLITS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def open_source(args: argparse.Namespace) -> Source:
-    trees = {s: getattr(args, s) for s in ("train", "val", "test") if getattr(args, s) is not None}
+    trees = {s: getattr(args, s) for s in SPLITS if getattr(args, s) is not None}
     missing = [f"{d} (--{s})" for s, d in trees.items() if not d.is_dir()]
     if missing:
         raise missing_error(missing, "Fix: pass existing directories laid out as DIR/<class>/<image>.")

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from data_prep.sources.base import Item, PrepError, Source, class_dirs, list_files, missing_error, safe_relative
+from hpcdnn.data.schema import SPLITS
 
 DEVKIT_DIRS = {"2012": "ILSVRC2012_devkit_t12", "2010": "ILSVRC2010_devkit-1.0"}
 INDEX_RE = re.compile(r"_(\d{8})\.[A-Za-z]+$")
@@ -85,10 +86,10 @@ def open_source(args: argparse.Namespace) -> Source:
     truth = {"val": data / f"ILSVRC{year}_validation_ground_truth.txt", "test": data / f"ILSVRC{year}_test_ground_truth.txt"}
     plain = {"val": args.val_labels, "test": args.test_labels}
 
-    present = [s for s in ("train", "val", "test") if (root / s).is_dir()]
+    present = [s for s in SPLITS if (root / s).is_dir()]
     if args.splits:
         wanted = [s.strip() for s in args.splits.split(",") if s.strip()]
-        bad = [s for s in wanted if s not in ("train", "val", "test")]
+        bad = [s for s in wanted if s not in SPLITS]
         if bad:
             raise PrepError(f"--splits {args.splits!r}: unknown split(s) {bad}; choose from train, val, test")
         notes = []

@@ -1,4 +1,4 @@
-"""The one definition of an hpcdnn shard and manifest, shared by data_prep's writer and the training loader.
+"""The one definition of an hpcdnn shard and manifest: data_prep writes both through here, the loader reads them.
 
 A shard is one HDF5 file of N samples:
   images  raw:  uint8 (N, H, W, C), one image per chunk, optional lzf/gzip
@@ -6,7 +6,9 @@ A shard is one HDF5 file of N samples:
   labels  int32 (N,)            class index in [0, num_classes)
   keys    utf-8 str (N,)        source name of each sample (relative path, or IDX file[index])
   attrs   schema_version, encoding, image_shape, num_classes, source, split, shard_index
-The manifest (`manifest.json` beside the shards) lists splits, shards with sha256, classes, statistics and rejects.
+The manifest (`manifest.json` beside the shards, with the per-pixel mean image in `mean.npy`) lists splits, shards
+with sha256, classes, pixel statistics and rejects; `write_manifest` writes it and `load_manifest` reads it.
+The JPEG codec itself is `hpcdnn.data.jpeg`.
 """
 
 from __future__ import annotations
@@ -16,18 +18,24 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 
-from hpcdnn.atomic import atomic_path
+from hpcdnn.atomic import atomic_path, write_bytes, write_json
+from hpcdnn.data.jpeg import decode_jpeg  # also what hpcdnn.data.loader imports from here
+
+if TYPE_CHECKING:
+    from hpcdnn.kernels.stats import ImageStats
 
 SCHEMA_VERSION = 1
 ENCODINGS = ("raw", "jpeg")
 COMPRESSIONS = ("none", "lzf", "gzip")
-JPEG_QUALITY = 90
 MANIFEST = "manifest.json"
-SPLITS = ("train", "val", "test")
+MEAN_FILE = "mean.npy"  # per-pixel float32 mean image of the statistics split, beside the manifest
+SPLITS = ("train", "val", "test")  # every split name, in this order (the order seeds each split's shuffle)
+SHARD_FIELDS = ("file", "count", "sha256", "bytes")  # what the manifest keeps of each shard
 
 
 def shard_name(split: str, index: int, total: int) -> str:
@@ -94,15 +102,6 @@ class ShardSchema:
                 f.attrs[k] = v
 
 
-def decode_jpeg(data: np.ndarray | bytes) -> np.ndarray:
-    """Decode stored JPEG bytes to uint8 (H, W, C)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(bytes(data))) as im:
-        arr = np.asarray(im)
-    return arr[:, :, None] if arr.ndim == 2 else arr
-
-
 class ShardReader:
     """Read one shard through the schema; images come back as uint8 (H, W, C) whatever the encoding."""
 
@@ -119,7 +118,7 @@ class ShardReader:
         return len(self.labels)
 
     def image(self, i: int) -> np.ndarray:
-        """Image `i` as uint8 (H, W, C). Reads one chunk: never index a batch with a list (h5py is ~60 img/s then)."""
+        """Image `i` as uint8 (H, W, C). Reads one chunk: never index a batch with a list (h5py is far slower then)."""
         if self.encoding == "raw":
             return self.images[i]
         return decode_jpeg(self.images[i])
@@ -163,6 +162,57 @@ def check_shard(path: str | Path, *, count: int, num_classes: int, image_shape, 
     except OSError as e:
         problems.append(f"cannot read as HDF5: {e}")
     return problems
+
+
+def write_manifest(
+    directory: str | Path,
+    *,
+    source: str,
+    settings: dict,
+    image_shape,
+    classes: list[dict],
+    splits: dict[str, dict],
+    stats: ImageStats,
+    stats_split: str,
+    rejected: list[dict],
+    converted: list[dict],
+) -> dict:
+    """Write DIR/mean.npy and DIR/manifest.json (atomically, same input -> same bytes); returns the manifest.
+
+    `splits` maps each split to {"planned": inputs listed, "shards": [records with at least SHARD_FIELDS]}; `stats`
+    holds the exact pixel statistics of `stats_split`. This is the only writer of what `load_manifest` reads.
+    """
+    directory = Path(directory)
+    write_bytes(directory / MEAN_FILE, npy_bytes(stats.mean_image()))
+    listed = {}
+    for split, info in splits.items():
+        shards = [{k: s[k] for k in SHARD_FIELDS} for s in info["shards"]]
+        listed[split] = {"count": sum(s["count"] for s in shards), "planned": info["planned"], "shards": shards}
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "source": source,
+        "encoding": settings["encoding"],
+        "compression": settings["compression"],
+        "image_shape": list(image_shape),
+        "settings": settings,
+        "classes": classes,
+        "splits": listed,
+        "mean": MEAN_FILE,
+        "stats_split": stats_split,
+        "stats_units": "uint8 pixel values (0..255)",
+        **stats.summary(),
+        "rejected": rejected,
+        "converted": converted,
+    }
+    write_json(directory / MANIFEST, manifest)
+    return manifest
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """The .npy encoding of `array` (no timestamps: deterministic)."""
+    b = io.BytesIO()
+    np.save(b, array)
+    return b.getvalue()
 
 
 def load_manifest(directory: str | Path) -> dict:

@@ -39,10 +39,10 @@ def default_model(image_shape: tuple[int, int, int]) -> str:
     return "alexnet" if image_shape[0] >= 200 else "alexnet_small"
 
 
-def default_crop(name: str, image_shape: tuple[int, int, int]) -> int | None:
-    """The crop a model wants from images of shape (H, W, C): 227 for alexnet, None (the whole image) for the others."""
+def default_crop(name: str, image_shape: tuple[int, int, int]) -> int:
+    """The one default-crop rule: 227 for alexnet (the paper's 224 + its padding), the whole image side for the others."""
     _check_name(name)
-    return INPUT_SIZE if name == "alexnet" else None
+    return INPUT_SIZE if name == "alexnet" else min(image_shape[0], image_shape[1])
 
 
 def build_model(name: str, num_classes: int, image_shape: tuple[int, int, int], crop: int | None = None) -> nn.Module:

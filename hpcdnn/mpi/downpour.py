@@ -21,14 +21,13 @@ import torch
 
 from hpcdnn.kernels import update
 from hpcdnn.models.flat import FlatParams
-from hpcdnn.mpi import param_server as psv
+from hpcdnn.mpi import control as ctl
 from hpcdnn.mpi.param_server import ParamServer
 
 # elements per push piece: the squares, the old accumulator and the update of one piece (4 MB each) stay in cache
-# between the kernel and the MPI call that reads them (bench/downpour.py, 61M floats: Adagrad push 75 -> 61 ms and
-# SGD push 44 -> 39 ms going from 4M- to 1M-element pieces; 256K measured the same as 1M). The push is memory-bound:
-# an Adagrad push moves >= 5 passes over the vector (g; accumulator and parameters read and written), and computing
-# piece i's update on a second thread while this one's MPI calls move pieces i +- 1 measured no faster (68-71 ms).
+# between the kernel and the MPI call that reads them (bench/downpour.py measured 1M-element pieces faster than 4M and
+# no slower than 256K). The push is memory-bound: an Adagrad push moves >= 5 passes over the vector, and computing the
+# next piece's update on a second thread while MPI moves this one measured no faster.
 PIECE = 1 << 20
 
 
@@ -37,6 +36,7 @@ class DownpourWorker:
 
     def __init__(self, ps: ParamServer, flat: FlatParams, cfg, worker: int) -> None:
         self.ps, self.flat, self.cfg, self.worker = ps, flat, cfg, worker
+        self.ctl = ps.control
         self.adagrad = cfg.optimizer == "adagrad"
         n = flat.numel
         self.on_cpu = flat.device.type == "cpu"
@@ -51,7 +51,7 @@ class DownpourWorker:
     def start(self, resumed: bool) -> None:
         """Wait for the warmstart (workers other than 0), then fetch the parameters."""
         if self.worker != 0 and self.cfg.warmstart_steps and not resumed:
-            while not self.ps.counter(psv.WARM):
+            while not self.ctl.counter(ctl.WARM):
                 time.sleep(0.02)
         self.fetch()
 
@@ -67,20 +67,20 @@ class DownpourWorker:
         self.pending += 1
         if self.steps % self.cfg.n_push == 0:
             self.push(lr)
-            self.ps.report(self.worker, [self.sent, self.steps, epoch, batch])
+            self.ctl.report(self.worker, self.sent, self.steps, epoch, batch)
         if self.steps % self.cfg.n_fetch == 0:
             self.fetch()
         if self.worker == 0 and self.steps == self.cfg.warmstart_steps:
-            self.ps.set(psv.WARM, 1)
+            self.ctl.set(ctl.WARM, 1)
 
     def finish(self, lr: float, epoch: int, batch: int) -> None:
         """Push what is left, publish this worker's position and counts, and report done."""
         if self.pending:
             self.push(lr)
         if self.worker == 0:
-            self.ps.set(psv.WARM, 1)  # a run shorter than the warmstart must not strand the others
-        self.ps.report(self.worker, [self.sent, self.steps, epoch, batch])
-        self.ps.add(psv.DONE)
+            self.ctl.set(ctl.WARM, 1)  # a run shorter than the warmstart must not strand the others
+        self.ctl.report(self.worker, self.sent, self.steps, epoch, batch)
+        self.ctl.add(ctl.DONE)
 
     # ---- communication
     def fetch(self) -> None:
@@ -95,19 +95,19 @@ class DownpourWorker:
         self.pending = 0
         try:
             if not update.grad_is_finite(g):
-                self.ps.add(psv.REJ_NONFINITE)
+                self.ctl.add(ctl.REJ_NONFINITE)
                 return
-            tau = self.ps.counter(psv.APPLIED) - self.version
+            tau = self.ctl.counter(ctl.APPLIED) - self.version
             scale, bound = 1.0, self.cfg.max_staleness
             if bound and tau > bound:
                 if self.cfg.staleness_policy == "drop":
-                    self.ps.add(psv.REJ_STALE)
+                    self.ctl.add(ctl.REJ_STALE)
                     return
                 scale = 1.0 / tau
             if self.adagrad and self.cfg.weight_decay:
                 update.axpy(g, self.host, self.cfg.weight_decay)  # decay toward the parameters the gradient saw
             self._apply(g, np.float32(-lr * scale))
-            self.ps.record_push(tau, scale != 1.0)
+            self.ctl.record_push(tau, scale != 1.0)
         finally:
             if self.acc is not None:
                 self.acc[:] = 0
@@ -131,32 +131,7 @@ class DownpourWorker:
 
     # ---- stopping and bookkeeping
     def request_stop(self) -> None:
-        self.ps.set(psv.STOP, 1)
+        self.ctl.set(ctl.STOP, 1)
 
     def stop_requested(self) -> bool:
-        return bool(self.ps.counter(psv.STOP))
-
-
-def ps_summary(ps: ParamServer) -> dict:
-    """Counters for summary.json and the metrics log, read from server 0."""
-    c = ps.counters()
-    w = len(ps.roles.workers)
-    rows = c[psv.WORKER_BASE : psv.WORKER_BASE + psv.PER_WORKER * w].reshape(w, psv.PER_WORKER)
-    applied = int(c[psv.APPLIED])
-    hist = [int(x) for x in c[psv.HIST : psv.HIST + psv.HIST_BINS]]
-    while len(hist) > 1 and hist[-1] == 0:
-        hist.pop()
-    return {
-        "workers": w,
-        "servers": len(ps.roles.servers),
-        "pushes_sent": int(rows[:, psv.SENT].sum()),
-        "pushes_applied": applied,
-        "pushes_rejected": int(c[psv.REJ_NONFINITE] + c[psv.REJ_STALE]),
-        "rejected_nonfinite": int(c[psv.REJ_NONFINITE]),
-        "rejected_stale": int(c[psv.REJ_STALE]),
-        "scaled_stale": int(c[psv.SCALED]),
-        "staleness_mean": round(float(c[psv.STALE_SUM]) / max(applied, 1), 3),
-        "staleness_max": int(c[psv.STALE_MAX]),
-        "staleness_hist": hist,  # bin 0: 0; bin k: [2^(k-1), 2^k)
-        "worker_steps": [int(x) for x in rows[:, psv.STEPS]],
-    }
+        return bool(self.ctl.counter(ctl.STOP))

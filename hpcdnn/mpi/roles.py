@@ -1,4 +1,4 @@
-"""Split the job's communicator once into a parameter-server group and a worker group, and size each rank's threads.
+"""Split the job's communicator once into a parameter-server group and a worker group.
 
     roles = split_roles(MPI.COMM_WORLD, servers=2, placement="first")   # ranks 0, 1 serve; the rest are workers
     roles = split_roles(comm, servers=0)                                  # allreduce / sandblaster: every rank works
@@ -6,6 +6,7 @@
 Placement is a config choice: `first` (ranks 0..P-1 serve), `last`, or `env`, where every rank reads HPCDNN_ROLE
 (server|worker) from its environment, so a Slurm heterogeneous job can put servers on CPU nodes and workers on GPU
 nodes (set the variable per component). Only the driver passes COMM_WORLD; everything here takes `comm`.
+Devices and threads per rank are hpcdnn/placement.py's.
 """
 
 from __future__ import annotations
@@ -80,26 +81,3 @@ def split_roles(comm, servers: int, placement: str = "first", env=None) -> Roles
         raise ValueError(f"every one of the {size} ranks is a server: {ROLE_ENV}=worker must be set on at least one rank")
     group = comm.Split(0 if roles[rank] == "server" else 1, rank)
     return Roles(comm, group, roles[rank], server_ranks, worker_ranks)
-
-
-def threads_per_rank(comm, computing: bool = True) -> int:
-    """This node's CPUs divided among its ranks that compute (ranks x threads <= cores, or throughput halves).
-
-    Collective over `comm`. Passive ranks (Downpour servers) pass computing=False: they get one thread and
-    do not count against the others.
-    """
-    from mpi4py import MPI
-
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    busy = node.allreduce(int(computing), op=MPI.SUM)
-    node.Free()
-    return max(1, len(os.sched_getaffinity(0)) // max(1, busy)) if computing else 1
-
-
-def set_threads(threads: int) -> None:
-    """Use `threads` in torch and in Numba's parallel kernels (they share one OpenMP runtime: set both, torch last)."""
-    import numba
-    import torch
-
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    torch.set_num_threads(threads)

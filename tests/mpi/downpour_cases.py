@@ -17,8 +17,8 @@ from mpi4py import MPI
 
 from hpcdnn.config import Config
 from hpcdnn.models.flat import FlatParams
-from hpcdnn.mpi import param_server as psv
-from hpcdnn.mpi.downpour import DownpourWorker, ps_summary
+from hpcdnn.mpi import control as ctl
+from hpcdnn.mpi.downpour import DownpourWorker
 from hpcdnn.mpi.param_server import ParamServer
 from hpcdnn.mpi.roles import split_roles
 
@@ -73,7 +73,7 @@ def one_worker_vs_torch(out: Path, cfg: Config, opt, steps: int) -> None:
         served, _ = ps.snapshot()
         ref_flat = FlatParams(ref).to_numpy()
         diff = float(np.abs(served - ref_flat).max())
-        (out / "result.json").write_text(json.dumps({"max_abs_diff": diff, **ps_summary(ps)}))
+        (out / "result.json").write_text(json.dumps({"max_abs_diff": diff, **ps.summary()}))
     ps.free()
 
 
@@ -106,7 +106,7 @@ def nan_push(out: Path) -> None:
         if roles.is_root:
             ps.wait_done()
             served, _ = ps.snapshot()
-            result = {"finite": bool(np.isfinite(served).all()), **ps_summary(ps)}
+            result = {"finite": bool(np.isfinite(served).all()), **ps.summary()}
             (out / "result.json").write_text(json.dumps(result))
     ps.free()
 
@@ -131,12 +131,12 @@ def stalled_worker(out: Path) -> None:
             worker.step(0.01, 0, k + 1)
             k += 1
             if roles.is_root:
-                trace.append((time.time(), ps.counter(psv.APPLIED)))
+                trace.append((time.time(), ps.control.counter(ctl.APPLIED)))
             time.sleep(0.005)
         worker.finish(0.01, 0, k)
         if roles.is_root:
             ps.wait_done()
-            (out / "result.json").write_text(json.dumps({"trace": trace, **ps_summary(ps)}))
+            (out / "result.json").write_text(json.dumps({"trace": trace, **ps.summary()}))
     ps.free()
 
 

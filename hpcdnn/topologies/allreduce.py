@@ -1,0 +1,58 @@
+"""Synchronous data-parallel SGD (`--topology=allreduce`): gradients averaged over every rank, then the same update.
+
+    mpirun -n 2 python -m mpi4py -m hpcdnn train --config fashion_small --topology=allreduce
+
+The baseline of Horovod and PyTorch DDP: bucketed in-place Allreduce of the flat gradient (hpcdnn/mpi/allreduce.py).
+Every rank holds an identical replica; a checkpoint keeps every rank's RNG (dropout), so a resume is bitwise.
+"""
+
+from __future__ import annotations
+
+from hpcdnn.topologies.base import Run, gathered_rng
+from hpcdnn.topologies.sgd import Local
+
+
+class Allreduce(Local):
+    name = "allreduce"
+    per_rank_rng = True
+
+    @classmethod
+    def servers(cls, cfg) -> int | None:
+        return 0
+
+    def __init__(self, run: Run) -> None:
+        from hpcdnn.mpi.allreduce import GradAllreduce
+
+        super().__init__(run)
+        self.comm = run.roles.comm
+        self.sync = GradAllreduce(run.flat, self.comm, bucket_mb=self.cfg.bucket_mb)
+        self.sync.broadcast_parameters(0)  # identical replicas whatever each rank loaded or initialised
+
+    def apply(self, lr: float, epoch: int, next_batch: int) -> None:
+        self.sync.synchronize()
+        self.opt.step(lr)
+
+    def stop_requested(self, signalled: bool) -> bool:
+        from mpi4py import MPI
+
+        return bool(self.comm.allreduce(int(signalled), op=MPI.MAX))
+
+    def share(self, value):
+        return self.comm.bcast(value, root=0)
+
+    def state(self):
+        rng = gathered_rng(self.comm, root=0)  # collective: every rank checkpoints at the same step
+        if rng is None:
+            return None
+        params, optim, extra, _ = super().state()
+        return params, optim, extra, rng
+
+    def images(self, step: int) -> int:
+        return step * self.cfg.batch_size * self.run.world
+
+    def summary(self) -> dict:
+        return {"workers": self.run.world, "servers": 0}
+
+    def close(self) -> None:
+        super().close()
+        self.sync.close()
