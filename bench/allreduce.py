@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from launch import relaunch  # bench/launch.py (this script's directory is on sys.path)
 
@@ -41,20 +42,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_rank(args: argparse.Namespace) -> None:
-    """One rank: build the three variants, time them interleaved, print the tables on rank 0."""
-    import numpy as np
-    import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
+@dataclass
+class Variants:
+    """The three variants' step functions and what the report needs from them."""
+
+    steps: dict[str, Callable[[], None]] = field(default_factory=dict)  # name -> one training step
+    reducers: dict = field(default_factory=dict)  # "blocking"/"overlap" -> GradAllreduce
+    flats: dict = field(default_factory=dict)  # "blocking"/"overlap" -> FlatParams
+    sync_ms: dict[str, list[float]] = field(default_factory=lambda: {"blocking": [], "overlap": []})  # per step, rank 0
+
+
+def timed(comm, fn: Callable[[], None], n: int) -> float:
+    """Seconds for n calls of fn between two barriers, the slowest rank's."""
     from mpi4py import MPI
 
-    from hpcdnn.models import FlatParams, build_model
-    from hpcdnn.mpi.allreduce import GradAllreduce
-    from hpcdnn.mpi.roles import set_threads
-    from hpcdnn.optim import FlatOptimizer
+    comm.Barrier()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    comm.Barrier()
+    return comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
 
-    comm = MPI.COMM_WORLD
+
+def start(args: argparse.Namespace, comm):
+    """Threads, the gloo process group on a free port, and this rank's fixed batch (x, y)."""
+    import torch
+    import torch.distributed as dist
+
+    from hpcdnn.placement import set_threads
+
     rank, size = comm.Get_rank(), comm.Get_size()
     set_threads(args.threads)
     port = comm.bcast(free_port() if rank == 0 else None)
@@ -62,16 +78,26 @@ def run_rank(args: argparse.Namespace) -> None:
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=size)
     shape, classes, crop = MODELS[args.model]
     torch.manual_seed(1000 + rank)  # each rank its own batch
-    x = torch.randn(args.batch, shape[2], crop, crop)
-    y = torch.randint(0, classes, (args.batch,))
+    return torch.randn(args.batch, shape[2], crop, crop), torch.randint(0, classes, (args.batch,))
+
+
+def build_variants(args: argparse.Namespace, comm, x, y) -> Variants:
+    """The same model three times from one seed: ours blocking, ours overlapping, DDP."""
+    import torch
+    import torch.nn.functional as F
+
+    from hpcdnn.models import FlatParams, build_model
+    from hpcdnn.mpi.allreduce import GradAllreduce
+    from hpcdnn.optim import FlatOptimizer
+
+    shape, classes, crop = MODELS[args.model]
     lr, momentum, wd = 0.01, 0.9, 5e-4
 
     def fresh():
         torch.manual_seed(0)
         return build_model(args.model, classes, shape, crop)
 
-    steps: dict[str, Callable[[], None]] = {}
-    reducers, flats, sync_ms = {}, {}, {"blocking": [], "overlap": []}
+    v = Variants()
     for mode in ("blocking", "overlap"):
         model = fresh()
         flat = FlatParams(model)
@@ -79,7 +105,7 @@ def run_rank(args: argparse.Namespace) -> None:
         ar.broadcast_parameters()
         opt = FlatOptimizer("sgd", flat.data, flat.grad, momentum=momentum, weight_decay=wd, eps=1e-10)
 
-        def ours(model=model, flat=flat, ar=ar, opt=opt, times=sync_ms[mode]) -> None:
+        def ours(model=model, flat=flat, ar=ar, opt=opt, times=v.sync_ms[mode]) -> None:
             flat.zero_grad()
             F.cross_entropy(model(x), y).backward()
             t0 = time.perf_counter()
@@ -87,7 +113,7 @@ def run_rank(args: argparse.Namespace) -> None:
             times.append(1e3 * (time.perf_counter() - t0))
             opt.step(lr)
 
-        steps[mode], reducers[mode], flats[mode] = ours, ar, flat
+        v.steps[mode], v.reducers[mode], v.flats[mode] = ours, ar, flat
     ddp = torch.nn.parallel.DistributedDataParallel(fresh(), bucket_cap_mb=args.bucket_mb)
     ddp_opt = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
 
@@ -96,74 +122,99 @@ def run_rank(args: argparse.Namespace) -> None:
         F.cross_entropy(ddp(x), y).backward()
         ddp_opt.step()
 
-    steps["ddp"] = torch_ddp
+    v.steps["ddp"] = torch_ddp
+    return v
 
-    def timed(fn: Callable[[], None], n: int) -> float:
-        comm.Barrier()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        comm.Barrier()
-        return comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
 
-    for fn in steps.values():
+def throughput(args: argparse.Namespace, comm, v: Variants) -> tuple[dict[str, list[float]], int]:
+    """Images/s (all ranks) of each variant, --repeats timings interleaved with a rotating order; and torch's threads."""
+    import torch
+
+    for fn in v.steps.values():
         fn()  # warm-up: allocator, oneDNN primitives, Numba kernels, gloo connections
     threads = torch.get_num_threads()  # after the first Numba kernel, which can reset the shared OpenMP pool
-    names = list(steps)
+    names = list(v.steps)
     samples: dict[str, list[float]] = {k: [] for k in names}
     for r in range(args.repeats):
         for k in names[r % len(names) :] + names[: r % len(names)]:
-            samples[k].append(size * args.batch * args.steps / timed(steps[k], args.steps))
-    digests = [hashlib.sha1(flats[m].to_numpy().tobytes()).hexdigest() for m in ("blocking", "overlap")]
-    identical = comm.allgather(digests)
-    early = reducers["overlap"].last_early
+            samples[k].append(comm.Get_size() * args.batch * args.steps / timed(comm, v.steps[k], args.steps))
+    return samples, threads
 
-    # the reduction alone, on this model's flat gradient
-    g = flats["blocking"].to_numpy(grad=True)
-    g0 = np.random.default_rng(rank).standard_normal(g.size, dtype=np.float32) / 2**20  # sums of 2**20 x stay finite
+
+def reductions(comm, v: Variants) -> tuple[dict[str, list[float]], int]:
+    """Milliseconds per call of each way to reduce this model's flat gradient, 3 interleaved rounds; and its bytes."""
+    import numpy as np
+    from mpi4py import MPI
+
+    g = v.flats["blocking"].to_numpy(grad=True)
+    g0 = np.random.default_rng(comm.Get_rank()).standard_normal(g.size, dtype=np.float32) / 2**20  # sums of 2**20 x stay finite
     dst = np.empty_like(g)
-    buckets = reducers["overlap"].buckets
+    buckets = v.reducers["overlap"].buckets
     ops = {
         "Allreduce (one call, in place)": lambda: comm.Allreduce(MPI.IN_PLACE, g, MPI.SUM),
         f"Allreduce ({len(buckets)} buckets, in place)": lambda: [comm.Allreduce(MPI.IN_PLACE, g[a:b], MPI.SUM) for a, b, _ in buckets],
         f"Iallreduce ({len(buckets)} buckets) + Waitall": lambda: MPI.Request.Waitall(
             [comm.Iallreduce(MPI.IN_PLACE, g[a:b], MPI.SUM) for a, b, _ in buckets]
         ),
-        "GradAllreduce.synchronize() (blocking)": reducers["blocking"].synchronize,
-        "GradAllreduce.synchronize() (overlap)": reducers["overlap"].synchronize,
+        "GradAllreduce.synchronize() (blocking)": v.reducers["blocking"].synchronize,
+        "GradAllreduce.synchronize() (overlap)": v.reducers["overlap"].synchronize,
         "np.copyto (same bytes)": lambda: np.copyto(dst, g),
     }
     reps = max(3, min(50, int(2e9 // max(g.nbytes, 1))))
     op_ms = {k: [] for k in ops}
     for r in range(3):
         for k in list(ops) if r % 2 == 0 else list(reversed(ops)):
-            for buf in (g, flats["overlap"].to_numpy(grad=True)):
+            for buf in (g, v.flats["overlap"].to_numpy(grad=True)):
                 buf[:] = g0
-            op_ms[k].append(1e3 * timed(ops[k], reps) / reps)
-    for ar in reducers.values():
+            op_ms[k].append(1e3 * timed(comm, ops[k], reps) / reps)
+    return op_ms, g.nbytes
+
+
+def run_rank(args: argparse.Namespace) -> None:
+    """One rank: build the three variants, time them interleaved, then the reductions alone; rank 0 prints the tables."""
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    x, y = start(args, comm)
+    v = build_variants(args, comm, x, y)
+    samples, threads = throughput(args, comm, v)
+    digests = [hashlib.sha1(v.flats[m].to_numpy().tobytes()).hexdigest() for m in ("blocking", "overlap")]
+    identical = comm.allgather(digests)
+    early = v.reducers["overlap"].last_early  # before the reductions below call synchronize() again
+    op_ms, nbytes = reductions(comm, v)
+    for ar in v.reducers.values():
         ar.close()
     dist.destroy_process_group()
-    if rank:
-        return
+    if comm.Get_rank() == 0:
+        report(args, comm.Get_size(), threads, v, samples, all(d == identical[0] for d in identical), early, op_ms, nbytes)
 
-    med = {k: statistics.median(v) for k, v in samples.items()}
+
+def report(args, size: int, threads: int, v: Variants, samples, identical: bool, early: int, op_ms, nbytes: int) -> None:
+    """Print the variants' table, the overlap summary and the reductions' table."""
+    import torch
+    from mpi4py import MPI
+
+    shape, _, crop = MODELS[args.model]
+    names = list(samples)
+    med = {k: statistics.median(val) for k, val in samples.items()}
     paired = {k: statistics.median(a / b for a, b in zip(samples[k], samples["ddp"])) for k in names}  # same repeat: same load
     print(f"{size} ranks x {threads} torch thread(s) | {args.model} {crop}x{crop}x{shape[2]} | batch {args.batch}/rank | "
-          f"{flats['blocking'].param_count:,} parameters ({g.nbytes / 2**20:.1f} MiB gradient) | {reducers['blocking']!r}")  # fmt: skip
+          f"{v.flats['blocking'].param_count:,} parameters ({nbytes / 2**20:.1f} MiB gradient) | {v.reducers['blocking']!r}")  # fmt: skip
     print(f"{MPI.Get_library_version().splitlines()[0].strip()} | torch {torch.__version__} | median of {args.repeats} interleaved timings of {args.steps} steps\n")  # fmt: skip
     print(f"{'variant':<10} {'img/s (all ranks)':>18} {'vs ddp':>8} {'paired':>8}   samples")
     for k in names:
-        print(f"{k:<10} {med[k]:>18.1f} {med[k] / med['ddp']:>7.2f}x {paired[k]:>7.2f}x   " + ", ".join(f"{v:.1f}" for v in samples[k]))
+        print(f"{k:<10} {med[k]:>18.1f} {med[k] / med['ddp']:>7.2f}x {paired[k]:>7.2f}x   " + ", ".join(f"{s:.1f}" for s in samples[k]))
     overlap_gain = statistics.median(a / b for a, b in zip(samples["overlap"], samples["blocking"]))
     print(f"\nours/DDP = {paired['blocking']:.2f}x blocking, {paired['overlap']:.2f}x overlap (medians of ratios within a repeat; goal >= 1.0x); "
-          f"overlap/blocking = {overlap_gain:.2f}x; overlap started {early} of {len(reducers['overlap'].buckets)} bucket(s) during backward")  # fmt: skip
+          f"overlap/blocking = {overlap_gain:.2f}x; overlap started {early} of {len(v.reducers['overlap'].buckets)} bucket(s) during backward")  # fmt: skip
     print(f"time in synchronize() per step on rank 0 (reduction + waiting for the other ranks), median: "
-          f"{statistics.median(sync_ms['blocking']):.1f} ms blocking, {statistics.median(sync_ms['overlap']):.1f} ms overlap")  # fmt: skip
-    print(f"replicas bitwise identical across ranks: {'yes' if all(d == identical[0] for d in identical) else 'NO'}\n")
-    print(f"{'reduction alone (' + f'{g.nbytes / 2**20:.1f} MiB' + ')':<42} {'ms':>8} {'GB/s':>7}")
-    for k, v in op_ms.items():
-        ms = statistics.median(v)
-        print(f"{k:<42} {ms:>8.3f} {g.nbytes / ms / 1e6:>7.2f}")
+          f"{statistics.median(v.sync_ms['blocking']):.1f} ms blocking, {statistics.median(v.sync_ms['overlap']):.1f} ms overlap")  # fmt: skip
+    print(f"replicas bitwise identical across ranks: {'yes' if identical else 'NO'}\n")
+    print(f"{'reduction alone (' + f'{nbytes / 2**20:.1f} MiB' + ')':<42} {'ms':>8} {'GB/s':>7}")
+    for k, ms_list in op_ms.items():
+        ms = statistics.median(ms_list)
+        print(f"{k:<42} {ms:>8.3f} {nbytes / ms / 1e6:>7.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:

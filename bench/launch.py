@@ -1,5 +1,5 @@
 """How the self-launching benchmarks start themselves under mpirun (imported as `launch`: scripts run as
-`python bench/x.py`)."""
+`python bench/x.py`). The command itself comes from hpcdnn/mpirun.py, shared with the tests."""
 
 from __future__ import annotations
 
@@ -8,17 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hpcdnn.mpirun import mpirun
 
-def mpirun(ranks: int) -> list[str]:
-    """mpirun from this interpreter's venv, with the flags its MPI needs (Open MPI: root, oversubscription, no UCX)."""
-    exe = str(Path(sys.executable).parent / "mpirun")
-    version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
-    if "Open MPI" not in version:
-        return [exe, "-n", str(ranks)]  # MPICH (Hydra)
-    extra = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    if ranks > len(os.sched_getaffinity(0)):
-        extra.append("--oversubscribe")
-    return [exe, "-n", str(ranks), *extra, "--mca", "osc", "^ucx"]
+__all__ = ["mpirun", "relaunch"]
 
 
 def relaunch(script: str, ranks: int, argv: list[str], child_var: str, timeout: float) -> None:

@@ -21,7 +21,6 @@ Always exits 0: it reports, it does not gate.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 import time
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from hpcdnn.models import FlatParams, build_model, default_crop
+from hpcdnn.placement import set_threads, usable_cpus
 
 
 def make_step(name: str, image_shape: tuple[int, int, int], classes: int, batch: int, flat: bool, optimizer: bool) -> Callable[[], None]:
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse options, print the machine and both comparisons; always returns 0."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=32, help="AlexNet batch size")
-    ap.add_argument("--steps", type=int, default=8, help="AlexNet steps per timing (~1.2 s each here)")
+    ap.add_argument("--steps", type=int, default=8, help="AlexNet steps per timing")
     ap.add_argument("--small-batch", type=int, default=128, help="alexnet_small batch size")
     ap.add_argument("--small-steps", type=int, default=30, help="alexnet_small steps per timing")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved timings per variant; the best is kept")
@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-alexnet", action="store_true", help="only the small model")
     args = ap.parse_args(argv)
 
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(threads)
+    threads = usable_cpus()
+    set_threads(threads)  # torch's and Numba's: one OpenMP runtime, hpcdnn/placement.py's rule
     print(
         f"{platform.processor() or platform.machine()} | {threads} torch threads | torch {torch.__version__} | python {sys.version.split()[0]}"
     )

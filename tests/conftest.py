@@ -13,25 +13,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from fakes import FASHION, fashion_subset, make_fashion_like, make_idx_dataset  # noqa: E402
+
 from data_prep.cli import main  # noqa: E402
+from hpcdnn.mpirun import mpirun  # noqa: E402, F401  (tests call conftest.mpirun(n): the one command builder)
 
 REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
 def prep(*args: str | os.PathLike) -> int:
     """Run data-prep in this process; returns its exit code."""
     return main([str(a) for a in args])
-
-
-def mpirun(n: int) -> list[str]:
-    """The launcher prefix for n ranks, for this venv's MPI (Open MPI needs flags to run as root and oversubscribe)."""
-    exe = str(BIN / "mpirun")
-    version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
-    if "Open MPI" in version:
-        return [exe, "-n", str(n), "--oversubscribe", "--allow-run-as-root", "--mca", "osc", "^ucx"]
-    return [exe, "-n", str(n)]  # MPICH (Hydra)
 
 
 def signal_once_logging(cmd: list[str], run_dir: Path, sig=signal.SIGUSR1, timeout: float = 120) -> tuple[int, str]:
@@ -84,8 +76,50 @@ def read_split(out: Path, manifest: dict, split: str) -> dict:
 
 
 @pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """120 + 40 Fashion-MNIST-shaped IDX samples (noise, balanced random labels) as shards of 50: runs that check
+    mechanics (resume, checkpoints, accounting), not learning."""
+    d = tmp_path_factory.mktemp("tiny")
+    make_idx_dataset(d / "idx", n_train=120, n_test=40, seed=3)
+    assert prep("idx", "--dir", d / "idx", "--out", d / "data", "--shard-size", "50") == 0
+    return d / "data"
+
+
+@pytest.fixture(scope="session")
+def fashion_tiny(tmp_path_factory) -> Path:
+    """640 + 128 learnable 28x28 images as shards of 128: the first real Fashion-MNIST samples when the data set is
+    installed (CI), else fakes.make_fashion_like's stand-ins. Random labels would not do: training on them is chaotic,
+    and the distributed-vs-local equality tests see last-ulp differences explode."""
+    d = tmp_path_factory.mktemp("fashion_tiny")
+    if FASHION.is_dir():
+        fashion_subset(d / "idx", n_train=640, n_test=128, source=FASHION)
+    else:
+        make_fashion_like(d / "idx", n_train=640, n_test=128)
+    assert prep("idx", "--dir", d / "idx", "--out", d / "data", "--shard-size", "128") == 0
+    return d / "data"
+
+
+@pytest.fixture(scope="session")
 def imagenet2012(tmp_path_factory):
     """A fake ILSVRC-2012 tree with devkit (real JPEGs), shared read-only by the tests."""
     from fakes import make_imagenet_2012
 
     return make_imagenet_2012(tmp_path_factory.mktemp("ilsvrc2012"), n_train_per_class=10, n_val=9)
+
+
+@pytest.fixture
+def read_events():
+    """tag -> [(step, value)] of a run directory's TensorBoard events, read with tensorboard's own EventAccumulator."""
+    try:
+        from tensorboard.backend.event_processing import event_accumulator as ea
+    except ImportError:
+        if os.environ.get("CI"):
+            raise  # CI installs hpcdnn[tensorboard] (Makefile): there this test must run
+        pytest.skip("tensorboard is not installed: pip install 'hpcdnn[tensorboard]'")
+
+    def read(run_dir):
+        acc = ea.EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={ea.SCALARS: 0})  # 0: keep every event
+        acc.Reload()
+        return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+    return read

@@ -276,6 +276,48 @@ def make_idx_dataset(dir: PathLike, n_train: int = 50, n_test: int = 20, seed: i
     return out
 
 
+FASHION = Path("/usr/share/datasets/fashion-mnist")  # the Debian package dataset-fashion-mnist
+
+
+def fashion_subset(dir: PathLike, n_train: int, n_test: int, source: PathLike = FASHION) -> Path:
+    """The first n_train / n_test real Fashion-MNIST samples as IDX files in ``dir`` (fails, never skips, if absent)."""
+    from data_prep.sources.idx import read_idx
+
+    src, d = Path(source), Path(dir)
+    if not (src / "train-images-idx3-ubyte.gz").exists():
+        raise FileNotFoundError(f"Fashion-MNIST not found in {src}: apt-get install dataset-fashion-mnist")
+    d.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        for kind, tag in (("images", "idx3"), ("labels", "idx1")):
+            name = f"{prefix}-{kind}-{tag}-ubyte.gz"
+            write_idx(d / name, read_idx(src / name)[:n], gz=True)
+    return d
+
+
+def make_fashion_like(dir: PathLike, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """Learnable Fashion-MNIST stand-ins as IDX files in ``dir``: 10 fixed smooth 28x28 silhouettes (one per class),
+    each sample its class's silhouette at a random brightness and shift, plus noise.
+
+    Unlike make_idx_dataset's noise with random labels, a model learns these, so training stays smooth and runs that
+    differ in the last ulp stay close (what the distributed-vs-local equality tests need).
+    """
+    d, rng = Path(dir), np.random.default_rng(seed)
+    d.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:28, 0:28]
+    centre = ((y - 13.5) ** 2 + (x - 13.5) ** 2) < 11**2  # garments sit in the middle of the frame
+    shapes = [np.clip(0.6 + _smooth_noise(28, 28, 4, rng), 0, 1) * centre for _ in range(10)]
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.permutation(np.arange(n) % 10).astype(np.uint8)
+        images = np.empty((n, 28, 28), np.uint8)
+        for i, label in enumerate(labels):
+            shifted = np.roll(shapes[label], tuple(rng.integers(-2, 3, size=2)), axis=(0, 1))
+            pixels = 255 * shifted * rng.uniform(0.6, 1.0) + rng.normal(0, 12, (28, 28))
+            images[i] = np.clip(pixels, 0, 255).astype(np.uint8)
+        write_idx(d / f"{prefix}-images-idx3-ubyte.gz", images, gz=True)
+        write_idx(d / f"{prefix}-labels-idx1-ubyte.gz", labels, gz=True)
+    return d
+
+
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
@@ -305,20 +347,3 @@ if __name__ == "__main__":
             except Exception as exc:  # noqa: BLE001
                 result = f"{type(exc).__name__}: {exc}"
             print(f"  {kind:15s} {p.stat().st_size:7d} B  {result}")
-
-
-def fashion_subset(dir: PathLike, n_train: int, n_test: int, source: PathLike = "/usr/share/datasets/fashion-mnist") -> Path:
-    """The first n_train / n_test real Fashion-MNIST samples as IDX files in ``dir`` (skips the test if not installed)."""
-    import pytest
-
-    from data_prep.sources.idx import read_idx
-
-    src, d = Path(source), Path(dir)
-    if not (src / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"Fashion-MNIST not found in {src}: apt-get install dataset-fashion-mnist")
-    d.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        for kind, tag in (("images", "idx3"), ("labels", "idx1")):
-            name = f"{prefix}-{kind}-{tag}-ubyte.gz"
-            write_idx(d / name, read_idx(src / name)[:n], gz=True)
-    return d

@@ -64,10 +64,13 @@ def test_batches_hold_the_indexed_images(idx_data):
     """Shuffled, uncropped, unscaled evaluation batches are exactly image - mean of the samples batch_indices names."""
     images, labels = stored(idx_data, "train")
     loader = ShardLoader(idx_data, "train", 16, train=False, shuffle=True, scale=1.0, world=2, rank=1)
+    batches = samples = 0
     for b, (x, y) in enumerate(loader.iter_epoch(3)):
         i = loader.batch_indices(3, b)
         np.testing.assert_array_equal(np.rint(x.numpy() + loader.mean.transpose(2, 0, 1)), images[i].transpose(0, 3, 1, 2))
         np.testing.assert_array_equal(y.numpy(), labels[i])
+        batches, samples = batches + 1, samples + len(y)
+    assert (batches, samples) == (len(loader), 75) == (5, 75)  # rank 1's half of 150; evaluation keeps the partial batch
 
 
 def test_eval_centre_crop_equals_reference(rgb_data):
@@ -116,9 +119,12 @@ def test_orders_differ_by_epoch_not_by_run(idx_data):
     assert not np.array_equal(a.rank_indices(0), a.rank_indices(1))
     assert not np.array_equal(a.rank_indices(0), ShardLoader(idx_data, "train", 10, seed=3).rank_indices(0))
     first, again = list(a.iter_epoch(1)), list(b.iter_epoch(1))  # iterating twice, and twice the same
+    assert len(first) == len(again) == len(a) == 15  # 150 samples in batches of 10
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(first, again))
     a.set_epoch(1)
-    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, a))
+    after_set = list(a)
+    assert len(after_set) == len(first)
+    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, after_set))
 
 
 @pytest.mark.timeout(60)
@@ -178,10 +184,12 @@ def test_clear_errors(idx_data):
 def test_output_buffers_recycled_only_when_dropped(idx_data):
     """Batches the consumer keeps stay intact (test_resume keeps them all); dropped ones are reused, not reallocated."""
     loader = ShardLoader(idx_data, "train", 10, prefetch=1, crop=24)
-    pointers, first = set(), None
+    pointers, first, batches = set(), None, 0
     for x, _ in loader:
         pointers.add(x.data_ptr())
         if first is None:
             first = x.clone(), x  # held: must never change
+        batches += 1
+    assert batches == len(loader) == 15
     assert len(pointers) <= loader.prefetch + 3 < len(loader)
     assert torch.equal(first[0], first[1])

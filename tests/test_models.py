@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from hpcdnn.kernels.lrn import lrn_backward, lrn_forward, window
 from hpcdnn.models import MODELS, AlexNet, AlexNetSmall, build_model, default_crop, default_model
-from hpcdnn.models.alexnet import PARAMETERS_1000, LocalResponseNorm, lrn_backward, lrn_forward
+from hpcdnn.models.alexnet import PARAMETERS_1000, LocalResponseNorm
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +157,13 @@ def test_lrn_kernels_uncompiled_agree():
     np.testing.assert_allclose(results[0][0], numpy_lrn(a.reshape(2, 6, 5, 1)).reshape(a.shape), rtol=1e-5)
 
 
+def test_lrn_window_and_bad_size():
+    """Channel c's window is [c - size // 2, c + (size - 1) // 2]; a size below 1 fails when the layer is built."""
+    assert window(5) == (2, 2) and window(4) == (2, 1) and window(1) == (0, 0)
+    with pytest.raises(ValueError, match="LRN size 0"):
+        LocalResponseNorm(size=0)
+
+
 @pytest.mark.parametrize("size,channels", [(28, 1), (24, 1), (32, 3)])
 def test_small_shapes_and_backward(size, channels):
     torch.manual_seed(0)
@@ -202,7 +210,7 @@ def test_registry_alexnet_needs_227_crop():
     with pytest.raises(ValueError, match="crop=227"):
         build_model("alexnet", 1000, (256, 256, 3), crop=None)
     assert default_crop("alexnet", (256, 256, 3)) == 227
-    assert default_crop("alexnet_small", (28, 28, 1)) is None
+    assert default_crop("alexnet_small", (28, 28, 1)) == 28  # the whole image side (one crop rule for every model)
 
 
 def test_registry_errors_name_the_fix():

@@ -2,7 +2,6 @@
 a resumed run leaves one value per step (purge_step), as metrics.jsonl does."""
 
 import json
-import os
 import sys
 
 import numpy as np
@@ -10,24 +9,6 @@ import pytest
 
 from hpcdnn.metrics import SUMMARY, MetricsLog, read_metrics
 from hpcdnn.tensorboard import TB_DIR, MissingTensorBoard, require, scalar_tags
-
-
-@pytest.fixture
-def read_events():
-    """tag -> [(step, value)] of a run directory's TensorBoard events, read with tensorboard's own EventAccumulator."""
-    try:
-        from tensorboard.backend.event_processing import event_accumulator as ea
-    except ImportError:
-        if os.environ.get("CI"):
-            raise  # CI installs hpcdnn[tensorboard] (Makefile): there this test must run
-        pytest.skip("tensorboard is not installed: pip install 'hpcdnn[tensorboard]'")
-
-    def read(run_dir):
-        acc = ea.EventAccumulator(str(run_dir / TB_DIR), size_guidance={ea.SCALARS: 0})  # 0: keep every event
-        acc.Reload()
-        return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-    return read
 
 
 def train_line(step, loss):
@@ -111,3 +92,23 @@ def test_missing_package_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if tensorboard were not installed
     with pytest.raises(MissingTensorBoard, match=r"pip install 'hpcdnn\[tensorboard\]'.*--tensorboard=false"):
         require()
+
+
+def test_the_driver_writes_what_metrics_jsonl_and_summary_say(tiny, tmp_path, read_events):
+    """A local training run with --tensorboard: the events are metrics.jsonl and summary.json, tag for tag."""
+    from hpcdnn.config import load_config
+    from hpcdnn.train import train
+
+    args = [
+        f"--data={tiny}",
+        f"--run_dir={tmp_path}",
+        "--batch_size=16",
+        "--epochs=1",
+        "--log_every=2",
+        "--threads=1",
+        "--tensorboard=true",
+    ]
+    train(load_config("fashion_small", args))
+    got = read_events(tmp_path)
+    assert_same(got, expected_events(tmp_path))
+    assert {"train/loss", "train/lr", "train/images_per_s", "val/top1", "summary/val_top1", "summary/images_per_s"} <= set(got)

@@ -3,23 +3,11 @@
 import json
 
 import numpy as np
-import pytest
-from conftest import prep
-from fakes import make_idx_dataset
 
 from hpcdnn import checkpoint as ck
 from hpcdnn.cli import main as hpcdnn
 from hpcdnn.config import load_config
 from hpcdnn.train import train
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """120 + 40 Fashion-MNIST-shaped IDX samples as shards."""
-    d = tmp_path_factory.mktemp("tiny")
-    make_idx_dataset(d / "idx", n_train=120, n_test=40, seed=3)
-    assert prep("idx", "--dir", d / "idx", "--out", d / "data", "--shard-size", "50") == 0
-    return d / "data"
 
 
 def config(data, run_dir, *extra):

@@ -1,7 +1,13 @@
-"""The one switch for compiling kernels: HPCDNN_JIT=0 runs every kernel as plain Python (for debugging).
+"""The one switch for compiling kernels (HPCDNN_JIT=0 runs every kernel as plain Python, for debugging), and the one
+rule for running a parallel kernel next to torch.
 
-Kernels are `numba.njit(nogil=True)` functions; each keeps its uncompiled twin as `.py_func`, which the
-tests run too, so both modes are checked against a numpy reference.
+Kernels are `numba.njit(nogil=True)` functions; each keeps its uncompiled twin as `.py_func`, which the tests run
+too, so both modes are checked against a numpy reference.
+
+Threads: torch and Numba's OpenMP layer share one libgomp, and the first parallel Numba kernel starts Numba's pool
+and resets the thread count torch reads back (torch.set_num_threads(1) silently becomes the core count), which
+breaks "ranks x threads <= cores". `run_parallel` runs a kernel on torch's thread count and puts torch's count back;
+`numba_threads` sets Numba's count alone (hpcdnn.placement uses it when a rank decides its thread budget).
 """
 
 from __future__ import annotations
@@ -28,3 +34,20 @@ def kernel(parallel: bool = False):
 def numba_threads(threads: int) -> None:
     """Run Numba's parallel kernels on `threads` threads (capped at Numba's pool size)."""
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+
+
+def run_parallel(kernel_fn, *args):
+    """kernel_fn(*args) on as many threads as torch uses, leaving torch's thread count as it was; returns its result.
+
+    For kernels called from torch code (an autograd Function, a loader feeding torch): the caller's thread budget is
+    torch's, so the kernel follows it, and starting Numba's pool must not change it.
+    """
+    import torch  # here, not at the top: the kernels that never meet torch (data_prep's statistics) do not load it
+
+    threads = torch.get_num_threads()
+    numba_threads(threads)
+    try:
+        return kernel_fn(*args)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)

@@ -19,7 +19,7 @@ def accumulate(image, pixel_sum, channel_sum, cross_sum):
     """Add one uint8 image (H,W,C) into pixel_sum (H,W,C), channel_sum (C) and cross_sum (C,C), all int64.
 
     Serial and GIL-free: decoding threads each call it on their own partial sums. RGB has an unrolled path
-    (~0.15 ms per 256x256 image here, 5x the generic loop).
+    (faster than the generic per-channel loop).
     """
     h, w, c = image.shape
     pix = image.reshape(h * w, c)

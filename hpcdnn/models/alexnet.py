@@ -8,78 +8,26 @@ Shapes for one image: 3x227x227 -conv1-> 96x55x55 -pool-> 96x27x27 -conv2-> 256x
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numba import prange
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from hpcdnn.kernels.jit import ENABLED as JIT_ENABLED
-from hpcdnn.kernels.jit import kernel
+from hpcdnn.kernels.jit import run_parallel
+from hpcdnn.kernels.lrn import lrn_backward, lrn_forward, window
 
 INPUT_SIZE = 227  # the paper's "224" only works out with 227 (or padding): (227 - 11) / 4 + 1 = 55
 PARAMETERS_1000 = 60_965_224  # parameter count for K = 1000, asserted by the tests
 
-# Local response normalisation, paper section 3.3: b_c = a_c / (k + alpha * sum_{c' in window(c)} a_c'^2) ** beta.
+# Local response normalisation, paper section 3.3 (kernels: hpcdnn/kernels/lrn.py): the paper's n, k, alpha, beta.
 LRN_SIZE = 5
 LRN_K = 2.0
 LRN_ALPHA = 1e-4
 LRN_BETA = 0.75
-
-
-@kernel(parallel=True)
-def lrn_forward(a, out, scale, lo, hi, alpha, beta, k):
-    """LRN over channels of a (N, C, P): out = a * scale**-beta, scale = k + alpha * window sum of a^2 (kept for backward)."""
-    n_, c_, p_ = a.shape
-    for n in prange(n_):
-        acc = np.empty(p_, a.dtype)
-        for c in range(c_):
-            acc[:] = 0
-            for j in range(max(0, c - lo), min(c_, c + hi + 1)):
-                for p in range(p_):
-                    acc[p] += a[n, j, p] * a[n, j, p]
-            for p in range(p_):
-                scale[n, c, p] = k + alpha * acc[p]
-            if beta == 0.75:  # s**-0.75 as rsqrt(s) * sqrt(rsqrt(s)): vectorises, unlike pow (2-3x faster)
-                for p in range(p_):
-                    r = 1 / math.sqrt(scale[n, c, p])
-                    out[n, c, p] = a[n, c, p] * (r * math.sqrt(r))
-            else:
-                for p in range(p_):
-                    out[n, c, p] = a[n, c, p] * scale[n, c, p] ** -beta
-
-
-@kernel(parallel=True)
-def lrn_backward(a, scale, g, grad, lo, hi, alpha, beta):
-    """Gradient of lrn_forward: grad_c = g_c d_c - 2 alpha beta a_c sum_{j: c in window(j)} g_j a_j d_j / s_j, d = s**-beta."""
-    n_, c_, p_ = a.shape
-    f = 2 * alpha * beta
-    for n in prange(n_):
-        d = np.empty((c_, p_), a.dtype)
-        t = np.empty((c_, p_), a.dtype)
-        for c in range(c_):
-            if beta == 0.75:
-                for p in range(p_):
-                    r = 1 / math.sqrt(scale[n, c, p])
-                    d[c, p] = r * math.sqrt(r)
-            else:
-                for p in range(p_):
-                    d[c, p] = scale[n, c, p] ** -beta
-            for p in range(p_):
-                t[c, p] = g[n, c, p] * a[n, c, p] * d[c, p] / scale[n, c, p]
-        acc = np.empty(p_, a.dtype)
-        for c in range(c_):
-            acc[:] = 0
-            for j in range(max(0, c - hi), min(c_, c + lo + 1)):  # the j whose window holds c
-                for p in range(p_):
-                    acc[p] += t[j, p]
-            for p in range(p_):
-                grad[n, c, p] = g[n, c, p] * d[c, p] - f * a[n, c, p] * acc[p]
 
 
 def _as_array(t: torch.Tensor) -> np.ndarray:
@@ -87,28 +35,15 @@ def _as_array(t: torch.Tensor) -> np.ndarray:
     return t.detach().view(t.shape[0], t.shape[1], -1).numpy()
 
 
-def _run(kernel_fn, *args) -> None:
-    """Run a Numba kernel on as many threads as torch uses, and leave torch's thread count as it was.
-
-    Numba's OpenMP pool shares libgomp with torch, and starting it resets the thread count torch reads back
-    (torch.set_num_threads(1) silently became 2 here), which breaks "ranks x threads <= cores".
-    """
-    threads = torch.get_num_threads()
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    kernel_fn(*args)
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-
-
 class _LRNFunction(torch.autograd.Function):
-    """LRN forward/backward on CPU through the Numba kernels: one pass each, ~12x faster than torch's avg_pool3d version."""
+    """LRN forward/backward on CPU through the Numba kernels of hpcdnn/kernels/lrn.py (one fused pass each)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
         x = x.contiguous()
         out, scale = torch.empty_like(x), torch.empty_like(x)
         dt = _as_array(x).dtype.type
-        _run(lrn_forward, _as_array(x), _as_array(out), _as_array(scale), size // 2, (size - 1) // 2, dt(alpha), dt(beta), dt(k))
+        run_parallel(lrn_forward, _as_array(x), _as_array(out), _as_array(scale), *window(size), dt(alpha), dt(beta), dt(k))
         ctx.save_for_backward(x, scale)
         ctx.hyper = (size, alpha, beta)
         return out
@@ -121,7 +56,7 @@ class _LRNFunction(torch.autograd.Function):
         g = g.contiguous()
         grad = torch.empty_like(x)
         dt = _as_array(x).dtype.type
-        _run(lrn_backward, _as_array(x), _as_array(scale), _as_array(g), _as_array(grad), size // 2, (size - 1) // 2, dt(alpha), dt(beta))
+        run_parallel(lrn_backward, _as_array(x), _as_array(scale), _as_array(g), _as_array(grad), *window(size), dt(alpha), dt(beta))
         return grad, None, None, None, None
 
 
@@ -134,6 +69,7 @@ class LocalResponseNorm(nn.Module):
 
     def __init__(self, size: int = LRN_SIZE, alpha: float = LRN_ALPHA, beta: float = LRN_BETA, k: float = LRN_K) -> None:
         super().__init__()
+        window(size)  # rejects size < 1 here, not at the first forward
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 Sized to train on two CPU cores: for 28x28x1 (Fashion-MNIST) or 24x24 crops, and 32x32x3 (CIFAR-like) inputs.
 Spatial flow for 28 px: 28 -conv1-> 28 -pool-> 13 -conv2-> 13 -pool-> 6 -conv3,conv4-> 6 -pool-> 2; fc 128*2*2 -> 512 -> 512 -> K.
-Widths 32-64-128-128 (AlexNet's 1:2.7:4:4 ratio, roughly): forward+backward at batch 128, 28x28x1, 2 torch threads runs
-~1200 img/s here (~1600 on 24 px crops, ~800 on 32x32x3); 64-128-128-128 ran ~530 img/s, the cost being the 28x28 maps.
+Widths 32-64-128-128 (AlexNet's 1:2.7:4:4 ratio, roughly): wider first layers cost throughput mostly in the 28x28
+maps (`python bench/model.py` measures this model's images/s; the README has the table).
 """
 
 from __future__ import annotations

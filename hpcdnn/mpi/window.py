@@ -1,17 +1,21 @@
 """One small class per RMA window: a typed array exposed by every rank of `comm` (possibly empty), passive target only.
 
-    w = Window(n_local, np.float32, comm=comm)      # collective: every rank allocates its own part
-    w.get_atomic(out, target=0, offset=128)         # MPI_Get_accumulate(NO_OP) under a shared lock
-    w.accumulate(delta, target=0, offset=128)       # element-wise atomic MPI_SUM
-    old = w.fetch_and_op(1, target=0, index=3)      # counters
-    w.free()                                        # collective; any use afterwards raises
+    with Window(n_local, np.float32, comm=comm) as w:   # collective: every rank allocates its own part
+        w.get_atomic(out, target=0, offset=128)         # MPI_Get_accumulate(NO_OP) under a shared lock
+        w.accumulate(delta, target=0, offset=128)       # element-wise atomic MPI_SUM
+        old = w.fetch_and_op(1, target=0, index=3)      # counters
+    # freed (collective) on leaving the block, or by w.free(); any use afterwards raises
 
-Memory comes from `MPI.Win.Allocate` (on one node it is shared memory: ~20x faster here than `Win.Create`).
-Every operation is one short epoch: shared lock -> operation -> unlock, so the data has reached the target (or
-the origin buffer) when the call returns, no rank ever holds a lock across compute, and nobody takes an exclusive
-lock. `SharedWindow` instead holds one shared `Lock_all` epoch for its whole life (single-element counters and flags
-that must not wait for a busy target's progress; see its docstring). Offsets are in elements. Large transfers are cut into pieces below MPI's 2^31-element
-count limit.
+Memory comes from `MPI.Win.Allocate` (on one node it is shared memory, much faster than `Win.Create`). Offsets are
+in elements; large transfers are cut into pieces below MPI's 2^31-element count limit. Two ways to hold the lock:
+
+- `Window`: every operation is one short epoch, shared lock -> operation -> unlock, so the data has reached the
+  target (or the origin buffer) when the call returns, no rank ever holds a lock across compute, and nobody takes an
+  exclusive lock. It has the bulk transfers (put, get, accumulate, ...) and the single-element operations.
+- `SharedWindow`: one shared `Lock_all` epoch from creation to `free`; an operation is op + Flush. Only the
+  single-element operations exist on it: a method taking its own Lock inside Lock_all would be erroneous MPI.
+
+Both share `BaseWindow` (allocation, bounds checks, the single-element operations, `free`, `with`).
 """
 
 from __future__ import annotations
@@ -22,8 +26,11 @@ from mpi4py import MPI
 CHUNK = 1 << 28  # elements per MPI call (counts are C ints)
 
 
-class Window:
-    """`local` is this rank's part (a numpy view of the window memory); other ranks' parts are reached by RMA."""
+class BaseWindow:
+    """`local` is this rank's part (a numpy view of the window memory); other ranks' parts are reached by RMA.
+
+    Subclasses say how one operation's access epoch starts and completes (`_start`, `_complete`).
+    """
 
     def __init__(self, count: int, dtype, *, comm) -> None:
         self.dtype = np.dtype(dtype)
@@ -39,7 +46,7 @@ class Window:
     @property
     def win(self) -> MPI.Win:
         if self._win is None:
-            raise RuntimeError("this RMA window was freed; create a new Window")
+            raise RuntimeError(f"this RMA window was freed; create a new {type(self).__name__}")
         return self._win
 
     def _check(self, target: int, offset: int, n: int) -> None:
@@ -54,6 +61,73 @@ class Window:
 
     def _buf(self, array: np.ndarray, lo: int, hi: int):
         return [array[lo:hi], hi - lo, self.mpi_type]
+
+    def _start(self, target: int) -> None:
+        """Open access to `target` for one operation."""
+        raise NotImplementedError(f"{type(self).__name__} must say how an access epoch starts: subclass Window or SharedWindow")
+
+    def _complete(self, target: int) -> None:
+        """Finish the operation on `target`: its data has arrived when this returns."""
+        raise NotImplementedError(f"{type(self).__name__} must say how an access epoch completes: subclass Window or SharedWindow")
+
+    # -- single elements (counters and flags)
+    def fetch_and_op(self, value, target: int, index: int, op=MPI.SUM):
+        """Atomically return target[index] and apply `op` with `value` (MPI.NO_OP reads, MPI.REPLACE writes)."""
+        self._check(target, index, 1)
+        w = self.win
+        origin, result = np.array([value], self.dtype), np.empty(1, self.dtype)
+        self._start(target)
+        w.Fetch_and_op(origin, result, target, index, op=op)
+        self._complete(target)
+        return result[0].item()
+
+    def compare_and_swap(self, expected, value, target: int, index: int):
+        """Atomically set target[index] = value if it equals `expected`; returns the old value (== expected on success)."""
+        self._check(target, index, 1)
+        w = self.win
+        origin, compare, result = np.array([value], self.dtype), np.array([expected], self.dtype), np.empty(1, self.dtype)
+        self._start(target)
+        w.Compare_and_swap(origin, compare, result, target, index)
+        self._complete(target)
+        return result[0].item()
+
+    def read(self, target: int, index: int = 0, count: int = 1) -> np.ndarray:
+        """A few elements read atomically (Get_accumulate NO_OP): counters another rank may be updating."""
+        self._check(target, index, count)
+        w = self.win
+        out = np.empty(count, self.dtype)
+        self._start(target)
+        for lo, hi in self._pieces(count):
+            w.Get_accumulate(self._buf(out, lo, hi), self._buf(out, lo, hi), target, [index + lo, hi - lo, self.mpi_type], op=MPI.NO_OP)
+        self._complete(target)
+        return out
+
+    # -- lifetime
+    def free(self) -> None:
+        """Collective over `comm`. The `local` view dies with the memory."""
+        if self._win is not None:
+            self.local = None
+            self._win.Free()
+            self._win = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Free on a normal exit. Not on an exception: Free is collective, and a rank raising alone would wait in it
+        forever for the others instead of reaching `python -m mpi4py`'s abort."""
+        if exc_type is None:
+            self.free()
+
+
+class Window(BaseWindow):
+    """A window whose every operation is its own shared-lock epoch (lock -> operation -> unlock)."""
+
+    def _start(self, target: int) -> None:
+        self.win.Lock(target, MPI.LOCK_SHARED)
+
+    def _complete(self, target: int) -> None:
+        self.win.Unlock(target)
 
     # -- bulk transfers (one lock epoch each)
     def put(self, array: np.ndarray, target: int, offset: int = 0) -> None:
@@ -101,27 +175,6 @@ class Window:
             w.Get_accumulate(self._buf(array, lo, hi), self._buf(out, lo, hi), target, [offset + lo, hi - lo, self.mpi_type], op=op)
         w.Unlock(target)
 
-    # -- single elements (counters and flags)
-    def fetch_and_op(self, value, target: int, index: int, op=MPI.SUM):
-        """Atomically return target[index] and apply `op` with `value` (MPI.NO_OP reads, MPI.REPLACE writes)."""
-        self._check(target, index, 1)
-        w = self.win
-        origin, result = np.array([value], self.dtype), np.empty(1, self.dtype)
-        w.Lock(target, MPI.LOCK_SHARED)
-        w.Fetch_and_op(origin, result, target, index, op=op)
-        w.Unlock(target)
-        return result[0].item()
-
-    def compare_and_swap(self, expected, value, target: int, index: int):
-        """Atomically set target[index] = value if it equals `expected`; returns the old value (== expected on success)."""
-        self._check(target, index, 1)
-        w = self.win
-        origin, compare, result = np.array([value], self.dtype), np.array([expected], self.dtype), np.empty(1, self.dtype)
-        w.Lock(target, MPI.LOCK_SHARED)
-        w.Compare_and_swap(origin, compare, result, target, index)
-        w.Unlock(target)
-        return result[0].item()
-
     def update_many(self, target: int, items: list[tuple[int, object, object]]) -> None:
         """Several single-element accumulates [(index, value, op), ...] in one lock epoch (counters updated together)."""
         for index, _, _ in items:
@@ -133,54 +186,28 @@ class Window:
             w.Accumulate([origin, 1, self.mpi_type], target, [index, 1, self.mpi_type], op=op)
         w.Unlock(target)
 
-    def read(self, target: int, index: int = 0, count: int = 1) -> np.ndarray:
-        """A few elements read atomically (Get_accumulate NO_OP): counters another rank may be updating."""
-        out = np.empty(count, self.dtype)
-        self.get_atomic(out, target, index)
-        return out
 
-    def free(self) -> None:
-        """Collective over `comm`. The `local` view dies with the memory."""
-        if self._win is not None:
-            self.local = None
-            self._win.Free()
-            self._win = None
+class SharedWindow(BaseWindow):
+    """A window held in one shared `Lock_all` epoch from creation to `free`: single-element ops are op + Flush.
 
-
-class SharedWindow(Window):
-    """A `Window` held in one shared `Lock_all` epoch from creation to `free`: single-element ops are op + Flush.
-
-    Measured with a target busy in compute: MPICH's per-operation Lock waited for the target's next MPI call (up to
-    2 s); inside Lock_all the same Fetch_and_op takes ~5 us on MPICH and Open MPI. The lock is shared: no rank is
-    ever excluded, as with `Window`.
+    Why: with a per-operation Lock, MPICH grants the lock only when the target next enters MPI, so a target busy in
+    compute delays every claim; inside Lock_all a Fetch_and_op completes at once on MPICH and Open MPI. The lock is
+    shared: no rank is ever excluded, as with `Window`. Bulk transfers and anything that takes its own Lock do not
+    exist here (a Lock inside Lock_all is erroneous MPI).
     """
 
     def __init__(self, count: int, dtype, *, comm) -> None:
         super().__init__(count, dtype, comm=comm)
         self.win.Lock_all()
 
-    def fetch_and_op(self, value, target: int, index: int, op=MPI.SUM):
-        self._check(target, index, 1)
-        origin, result = np.array([value], self.dtype), np.empty(1, self.dtype)
-        self.win.Fetch_and_op(origin, result, target, index, op=op)
-        self.win.Flush(target)
-        return result[0].item()
+    def _start(self, target: int) -> None:
+        """Nothing to open: the Lock_all epoch is always open."""
 
-    def compare_and_swap(self, expected, value, target: int, index: int):
-        self._check(target, index, 1)
-        origin, compare, result = np.array([value], self.dtype), np.array([expected], self.dtype), np.empty(1, self.dtype)
-        self.win.Compare_and_swap(origin, compare, result, target, index)
+    def _complete(self, target: int) -> None:
         self.win.Flush(target)
-        return result[0].item()
-
-    def read(self, target: int, index: int = 0, count: int = 1) -> np.ndarray:
-        self._check(target, index, count)
-        out = np.empty(count, self.dtype)
-        self.win.Get_accumulate(out, out, target, [index, count, self.mpi_type], op=MPI.NO_OP)
-        self.win.Flush(target)
-        return out
 
     def free(self) -> None:
+        """Collective over `comm`: end the Lock_all epoch, then free."""
         if self._win is not None:
             self._win.Unlock_all()
         super().free()

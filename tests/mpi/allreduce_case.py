@@ -69,7 +69,7 @@ def main(out: str) -> None:
     from mpi4py import MPI
 
     from hpcdnn.mpi.allreduce import GradAllreduce
-    from hpcdnn.mpi.roles import set_threads
+    from hpcdnn.placement import set_threads
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()

@@ -7,7 +7,7 @@ import json
 import h5py
 import numpy as np
 import pytest
-from test_downpour import COMMON, hpcdnn, tiny  # noqa: F401  (the shared real-data fixture)
+from test_downpour import COMMON, hpcdnn
 
 pytestmark = pytest.mark.mpi
 
@@ -17,10 +17,10 @@ def params(run) -> np.ndarray:
         return f["params"][...]
 
 
-def test_allreduce_resume_is_bitwise_and_summary(tiny, tmp_path):  # noqa: F811
+def test_allreduce_resume_is_bitwise_and_summary(fashion_tiny, tmp_path):
     """3 ranks, 2 epochs; the same run stopped after 7 steps and resumed ends with the same parameters, bit for bit
     (dropout RNG of every rank restored from the checkpoint)."""
-    args = [*COMMON, f"--data={tiny}", "--topology=allreduce", "--batch_size=16", "--epochs=2"]
+    args = [*COMMON, f"--data={fashion_tiny}", "--topology=allreduce", "--batch_size=16", "--epochs=2"]
     hpcdnn(3, *args, f"--run_dir={tmp_path / 'a'}")
     hpcdnn(3, *args, f"--run_dir={tmp_path / 'b'}", "--max_steps=7")
     hpcdnn(3, *args, f"--run_dir={tmp_path / 'b'}", "--resume")

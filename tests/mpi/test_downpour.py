@@ -13,20 +13,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO, mpirun, prep, signal_once_logging
-from fakes import fashion_subset
+from conftest import REPO, mpirun, signal_once_logging
+from test_tensorboard import assert_same, expected_events
 
 pytestmark = pytest.mark.mpi
 CASES = Path(__file__).with_name("downpour_cases.py")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """640 + 128 real Fashion-MNIST images (random labels would make training chaotic: ulp differences explode)."""
-    d = tmp_path_factory.mktemp("dp")
-    fashion_subset(d / "idx", n_train=640, n_test=128)
-    assert prep("idx", "--dir", d / "idx", "--out", d / "data", "--shard-size", "128") == 0
-    return d / "data"
 
 
 def hpcdnn(n: int, *args, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -64,14 +55,14 @@ def test_one_worker_sgd_equals_torch_sgd(tmp_path, ranks):
 
 
 @pytest.mark.parametrize("servers", [1, 2])
-def test_one_worker_driver_equals_local_trainer(tiny, tmp_path, servers):
+def test_one_worker_driver_equals_local_trainer(fashion_tiny, tmp_path, servers):
     """The whole driver path (initial placement, data order, cadence): one Downpour worker == `--topology=local`.
 
     10 steps, not 50: alexnet_small's max-pooling turns the last-ulp difference between the servers' p + delta and
     the local fused update into a different argmax within ~15 steps on this data (both runs are deterministic);
     the 50-step equality is the smooth-model case above.
     """
-    args = [*COMMON, f"--data={tiny}", "--max_steps=10", "--optimizer=sgd", "--momentum=0.9"]
+    args = [*COMMON, f"--data={fashion_tiny}", "--max_steps=10", "--optimizer=sgd", "--momentum=0.9"]
     hpcdnn(0, *args, f"--run_dir={tmp_path / 'local'}")
     hpcdnn(servers + 1, *args, f"--run_dir={tmp_path / 'dp'}", "--topology=downpour", f"--servers={servers}")
     assert np.abs(params(tmp_path / "dp") - params(tmp_path / "local")).max() < 1e-6
@@ -79,12 +70,15 @@ def test_one_worker_driver_equals_local_trainer(tiny, tmp_path, servers):
     assert summary["pushes_sent"] == summary["pushes_applied"] == 10 and summary["servers"] == servers
 
 
-def test_three_workers_account_for_every_push(tiny, tmp_path):
+def test_three_workers_account_for_every_push(fashion_tiny, tmp_path, read_events):
     """1 server + 3 workers, Adagrad, max_staleness=1 (drop): sent == applied + rejected, histogram sums to applied."""
     run = tmp_path / "dp3"
-    hpcdnn(4, *COMMON, f"--data={tiny}", f"--run_dir={run}", "--topology=downpour", "--optimizer=adagrad", "--epochs=2",
-           "--max_staleness=1", "--warmstart_steps=3")  # fmt: skip
+    hpcdnn(4, *COMMON, f"--data={fashion_tiny}", f"--run_dir={run}", "--topology=downpour", "--optimizer=adagrad", "--epochs=2",
+           "--max_staleness=1", "--warmstart_steps=3", "--tensorboard=true")  # fmt: skip
     s = json.loads((run / "summary.json").read_text())
+    events = read_events(run)  # the push and staleness counts reach TensorBoard as logged
+    assert_same(events, expected_events(run))
+    assert {"train/pushes_applied", "train/staleness_mean", "summary/pushes_sent", "summary/staleness_max"} <= set(events)
     assert s["workers"] == 3 and s["pushes_sent"] == sum(s["worker_steps"]) > 0
     assert s["pushes_sent"] == s["pushes_applied"] + s["pushes_rejected"]
     assert sum(s["staleness_hist"]) == s["pushes_applied"]
@@ -134,20 +128,20 @@ def test_stalled_worker_does_not_stop_the_others(tmp_path):
     assert min(r["worker_steps"]) > 0
 
 
-def test_error_on_every_rank_aborts_instead_of_hanging(tiny, tmp_path):
+def test_error_on_every_rank_aborts_instead_of_hanging(fashion_tiny, tmp_path):
     """--servers equal to the rank count leaves no worker: every rank errors and the job ends (no hang)."""
-    cmd = [*mpirun(3), sys.executable, "-m", "mpi4py", "-m", "hpcdnn", "train", *COMMON, f"--data={tiny}",
+    cmd = [*mpirun(3), sys.executable, "-m", "mpi4py", "-m", "hpcdnn", "train", *COMMON, f"--data={fashion_tiny}",
            f"--run_dir={tmp_path}", "--topology=downpour", "--servers=3"]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO)
     assert r.returncode != 0
     assert "leaves no worker" in r.stderr
 
 
-def test_signal_checkpoints_and_resume_finishes(tiny, tmp_path):
+def test_signal_checkpoints_and_resume_finishes(fashion_tiny, tmp_path):
     """SIGUSR1 to mpirun mid-run: every rank stops cleanly (exit 0), preempted.json + checkpoint; --resume finishes
     with every worker at its full step count and every push accounted for across both runs."""
     run = tmp_path / "run"
-    args = [*COMMON, f"--data={tiny}", f"--run_dir={run}", "--topology=downpour", "--optimizer=adagrad", "--batch_size=16",
+    args = [*COMMON, f"--data={fashion_tiny}", f"--run_dir={run}", "--topology=downpour", "--optimizer=adagrad", "--batch_size=16",
             "--epochs=3", "--log_every=3"]  # fmt: skip
     cmd = [*mpirun(3), sys.executable, "-m", "mpi4py", "-m", "hpcdnn", "train", *args]
     code, err = signal_once_logging(cmd, run)  # mpirun forwards SIGUSR1 to every rank
