@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from hpcdnn.kernels.jit import numba_threads
+from hpcdnn.kernels.jit import numba_threads, restore_torch_threads
 
 
 def usable_cpus() -> int:
@@ -77,11 +77,8 @@ def set_threads(threads: int) -> None:
 
 
 def keep_threads(threads: int) -> None:
-    """Put torch's thread count back to `threads` if a first parallel Numba kernel reset the shared OpenMP pool."""
-    import torch
-
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    """After Numba kernels run outside `jit.run_parallel` (optimizer steps): torch's count back to `threads`."""
+    restore_torch_threads(threads)
 
 
 class Placement:

@@ -49,5 +49,12 @@ def run_parallel(kernel_fn, *args):
     try:
         return kernel_fn(*args)
     finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        restore_torch_threads(threads)
+
+
+def restore_torch_threads(threads: int) -> None:
+    """Starting Numba's OpenMP pool resets the count torch reads back (they share libgomp): put `threads` back."""
+    import torch
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

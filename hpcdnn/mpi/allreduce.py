@@ -15,16 +15,13 @@ arrived; when a bucket is complete (and all before it have started) its `Iallred
 and each later hook calls `Testall` to progress it (Open MPI's libnbc and MPICH's shared-memory path only advance a
 non-blocking collective inside MPI calls). `synchronize()` starts what is left (parameters without a gradient never
 fire their hook) and waits. Without overlap, `synchronize()` reduces the whole vector in ONE blocking Allreduce: MPI
-pipelines a large message itself, and buckets only add calls (AlexNet, Open MPI: 108 ms vs 122 ms in 3 buckets).
+pipelines a large message itself, and buckets only add calls (bench/allreduce.py measures both).
 
-Default (`overlap=None`): on for MPICH, off for every other MPI. Measured with bench/allreduce.py on this 2-core
-machine (2 ranks x 1 torch thread, interleaved repeats, ratios within one run; the machine was shared, so rates vary):
-alexnet_small (3 MB of gradient, ~1 ms to reduce in a ~90 ms step) runs as fast either way (overlap/blocking
-0.99-1.02x, both MPIs). AlexNet at batch 8 per rank (233 MB; buckets of 80, 144 and 9 MiB): with Open MPI overlap
-is slower, 0.82-0.95x, because libnbc's Iallreduce alone takes twice its blocking Allreduce (245 vs 108 ms quiet,
-1338 vs 605 ms loaded); with MPICH it is faster, 1.04-1.08x, its Iallreduce being as fast as its Allreduce (343 vs
-399 ms). No core is idle here, so the reduction's copies compete with backward either way; overlap hides only the
-waiting. Pass overlap=True where a NIC or a spare core progresses collectives (multi-node, hardware offload).
+Default (`overlap=None`): on for MPICH, off for every other MPI, as bench/allreduce.py found on one host (numbers in
+the README): Open MPI's libnbc Iallreduce is much slower than its blocking Allreduce, so overlapping loses; MPICH's
+Iallreduce is as fast as its Allreduce, so overlapping wins a little. With no idle core the reduction's copies compete
+with backward either way; overlap hides only the waiting. Pass overlap=True where a NIC or a spare core progresses
+collectives (multi-node, hardware offload).
 
 CUDA: with a CUDA-aware MPI (`MPIX_Query_cuda_support()`, or HPCDNN_CUDA_AWARE_MPI=1) the device slices go to MPI
 directly, else each bucket is staged through one pinned host buffer (the device-to-host copies of all buckets are
