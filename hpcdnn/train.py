@@ -233,7 +233,9 @@ def final_summary(run: Run, topo, at: Position, log: MetricsLog, val_data, val_s
         summary.update(val_top1_10crop=final["top1_10crop"], val_top5_10crop=final["top5_10crop"])
     log.write_summary(summary)  # summary.json (and TensorBoard)
     (run.run_dir / stopsig.PREEMPTED).unlink(missing_ok=True)
-    print(f"hpcdnn: done: val top-1 {final['top1']:.4f}, top-5 {final['top5']:.4f}; {summary['images_per_s']} img/s; summary in {cfg.run_dir}")
+    print(
+        f"hpcdnn: done: val top-1 {final['top1']:.4f}, top-5 {final['top5']:.4f}; {summary['images_per_s']} img/s; summary in {cfg.run_dir}"
+    )
     return topo.share(summary)
 
 

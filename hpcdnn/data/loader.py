@@ -11,32 +11,33 @@ Order: epoch e shuffles all samples of the split with `default_rng([seed, e])`; 
 equal parts (the < world left-over samples sit out that epoch), so every rank runs `len(loader)` steps and no MPI
 is needed. Batch b of that part is a set of samples; inside a batch they come in storage order, so neighbours read
 as one slice. Its augmentation draws from `default_rng([seed, e, rank, b])` only, so `iter_epoch(e, start_batch=b)`
-after a restart yields bitwise the batches an uninterrupted run would have seen.
+after a restart yields bitwise the batches an uninterrupted run would have seen. `read_samples(idx, *draws)` reads and
+augments an explicit list of samples in the calling thread, with draws from `batch_draws` (or any): Sandblaster reads
+only the portions of a batch a rank computes, and gets the rows that iteration would have given.
 
 Reading: HDF5 files are opened lazily by the thread that reads them and closed when it ends (never shared across
-threads or a fork). A raw shard is read one image per `ds[i]` call, or one slice per run of neighbouring samples;
-never with a list index (h5py reads ~60 img/s that way). JPEG shards decode on `workers` threads (Pillow frees the GIL).
+threads or a fork; the prefetch thread is hpcdnn/data/prefetch.py). A raw shard is read one image per `ds[i]` call, or
+one slice per run of neighbouring samples; never with a list index (h5py's point selection is orders of magnitude
+slower). JPEG shards decode on `workers` threads (Pillow frees the GIL).
 """
 
 from __future__ import annotations
 
-import os
-import queue
-import sys
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numba
 import numpy as np
 import torch
 
+from hpcdnn.data.prefetch import BatchIterator
 from hpcdnn.data.schema import ShardReader, decode_jpeg, load_manifest
 from hpcdnn.kernels.augment import augment, augment_torch, center_offsets, draw, ten_crop_views
+from hpcdnn.kernels.jit import numba_threads
+from hpcdnn.placement import usable_cpus
 
 _KERNEL_LOCK = threading.Lock()  # Numba's workqueue threading layer must not run two parallel kernels at once
-_END = object()
 SERIAL_BELOW = 1 << 20  # output floats under which the augmentation kernel runs on one thread (~1 ms of work)
 
 
@@ -71,7 +72,7 @@ class ShardLoader:
         self.pad, self.flip, self.pca_std, self.prefetch, self.ten_crop = pad, flip, pca_std, prefetch, ten_crop
         self.shuffle = train if shuffle is None else shuffle
         self.drop_last = train if drop_last is None else drop_last
-        self.workers = workers or len(os.sched_getaffinity(0))
+        self.workers = workers or usable_cpus()
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         shards = splits[split]["shards"]
         self.files = [self.directory / s["file"] for s in shards]
@@ -99,6 +100,7 @@ class ShardLoader:
             raise ValueError(f"{split}: {self.total} samples over {world} ranks give no full batch of {batch_size}; lower batch_size")
         self.epoch = 0
         self._iterators: weakref.WeakSet = weakref.WeakSet()
+        self._own: tuple[dict, ThreadPoolExecutor | None] | None = None  # read_samples' files and decode pool (caller's thread)
 
     # ---- what the data set is
     @property
@@ -139,18 +141,53 @@ class ShardLoader:
     def __iter__(self):
         return self.iter_epoch(self.epoch)
 
-    def iter_epoch(self, epoch: int, start_batch: int = 0) -> _BatchIterator:
+    def iter_epoch(self, epoch: int, start_batch: int = 0) -> BatchIterator:
         """Batches start_batch .. len(self)-1 of `epoch`, prefetched by a background thread."""
         if not 0 <= start_batch <= self.num_batches:
             raise ValueError(f"start_batch {start_batch} outside [0, {self.num_batches}]")
-        it = _BatchIterator(self, epoch, start_batch)
+        it = BatchIterator(self, epoch, start_batch)
         self._iterators.add(it)
         return it
 
     def close(self) -> None:
-        """Stop every running prefetch thread (they close their files)."""
+        """Stop every running prefetch thread (they close their files); close the files read_samples opened."""
         for it in list(self._iterators):
             it.close()
+        if self._own is not None:
+            readers, pool = self._own
+            self._own = None
+            if pool:
+                pool.shutdown(wait=True)
+            for r in readers.values():
+                r.close()
+
+    def __enter__(self) -> ShardLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- explicit samples, read in the calling thread (Sandblaster: each rank reads only the portions it computes)
+    def batch_draws(self, epoch: int, batch: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(offsets, flips, shift) for the n rows of batch `batch` of `epoch`, exactly those iteration uses (with this
+        rank, world and batch_size n): a function of (seed, epoch, rank, batch), so row i is the same whoever asks."""
+        return self._params(epoch, batch, n)
+
+    def read_samples(self, idx, offsets, flips, shift) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of global sample indices `idx` augmented with row i of each draw for sample i; sorted indices read
+        as slices of neighbours (never a list index). Runs in the calling thread; its files stay open until close()."""
+        idx = np.asarray(idx, dtype=np.int64)
+        rows = len(idx) * (10 if self.ten_crop else 1)
+        if len(offsets) != rows or len(flips) != rows or len(shift) != rows:
+            raise ValueError(f"{len(idx)} samples but {len(offsets)}, {len(flips)}, {len(shift)} draws: pass {rows} rows (batch_draws)")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.total):
+            raise ValueError(f"sample indices {idx.min()}..{idx.max()} outside the {self.total} samples of {self.split!r}")
+        if self._own is None:
+            self._own = ({}, ThreadPoolExecutor(self.workers) if self.encoding != "raw" and self.workers > 1 else None)
+        images = np.empty((len(idx), *self.image_shape), np.uint8)
+        labels = self._read(self._own[0], idx, images, self._own[1])
+        pixels = torch.from_numpy(images).to(self.device) if self.device.type == "cuda" else None
+        return self._augment(images, labels, (offsets, flips, shift), pixels, lambda shape: np.empty(shape, np.float32))
 
     # ---- producing one batch (runs in the prefetch thread)
     def _read(self, readers: dict, idx: np.ndarray, out: np.ndarray, pool: ThreadPoolExecutor | None) -> np.ndarray:
@@ -205,19 +242,24 @@ class ShardLoader:
         idx = self._batch_of(part, batch)
         images = staging.images(len(idx))
         labels = self._read(readers, idx, images, pool)
-        offsets, flips, shift = self._params(epoch, batch, len(idx))
+        params = self._params(epoch, batch, len(idx))
+        pixels = staging.to_device(len(idx)) if self.device.type == "cuda" else None
+        return self._augment(images, labels, params, pixels, staging.output)
+
+    def _augment(self, images: np.ndarray, labels: np.ndarray, params, pixels, output):
+        """(x, y) on the loader's device from uint8 images (on CUDA: `pixels`, their copy there); output(shape) gives x."""
+        offsets, flips, shift = params
         if self.device.type == "cuda":
-            pixels = staging.to_device(len(idx))
             pixels = pixels.repeat_interleave(10, dim=0) if self.ten_crop else pixels
             x = augment_torch(pixels, offsets, flips, self._device_mean(), shift, self.scale, self.crop)
             y = torch.from_numpy(labels).pin_memory().to(self.device, non_blocking=True)
             return x, y
         if self.ten_crop:
             images = np.repeat(images, 10, axis=0)
-        out = staging.output((len(images), self.image_shape[2], self.crop, self.crop))
+        out = output((len(images), self.image_shape[2], self.crop, self.crop))
         with _KERNEL_LOCK:
             # small batches run on one thread: a parallel region costs a scheduler tick (~8 ms) whenever a core is busy
-            numba.set_num_threads(1 if out.size < SERIAL_BELOW else min(self.workers, numba.config.NUMBA_NUM_THREADS))
+            numba_threads(1 if out.size < SERIAL_BELOW else self.workers)
             augment(images, out, offsets, flips, self.mean, shift, self.scale)
         x, y = torch.from_numpy(out), torch.from_numpy(labels)
         return (x, y) if self.device.type == "cpu" else (x.to(self.device), y.to(self.device))
@@ -226,124 +268,3 @@ class ShardLoader:
         if getattr(self, "_mean_dev", None) is None:
             self._mean_dev = torch.from_numpy(self.mean).to(self.device)
         return self._mean_dev
-
-
-class _Buffers:
-    """The producer's buffers. uint8 input: one reused array on the CPU; on CUDA two pinned ones, each reused once its
-    copy to the device is done. float32 output: recycled once no tensor refers to it any more (a fresh 77 MB array per
-    AlexNet batch costs ~10 ms of page faults, as much as the kernel); one still held is never touched.
-    """
-
-    def __init__(self, loader: ShardLoader):
-        self.shape, self.cuda = (loader.batch_size, *loader.image_shape), loader.device.type == "cuda"
-        self.device, self.turn, self.keep = loader.device, 0, loader.prefetch + 3
-        self.outputs: list[np.ndarray] = []
-        if self.cuda:
-            self.pinned = [torch.empty(self.shape, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-            self.done = [None, None]
-        else:
-            self.cpu = np.empty(self.shape, np.uint8)
-
-    def images(self, n: int) -> np.ndarray:
-        if not self.cuda:
-            return self.cpu[:n]
-        self.turn ^= 1
-        if self.done[self.turn] is not None:
-            self.done[self.turn].synchronize()  # the previous copy out of this buffer has finished
-        return self.pinned[self.turn][:n].numpy()
-
-    def to_device(self, n: int) -> torch.Tensor:
-        """Start copying the first n images of the current pinned buffer to the device (same stream as the consumer)."""
-        x = self.pinned[self.turn][:n].to(self.device, non_blocking=True)
-        self.done[self.turn] = torch.cuda.Event()
-        self.done[self.turn].record()
-        return x
-
-    def output(self, shape: tuple[int, ...]) -> np.ndarray:
-        for k in range(len(self.outputs)):
-            if self.outputs[k].shape == shape and sys.getrefcount(self.outputs[k]) == self.alone:
-                return self.outputs[k]
-        if len(self.outputs) >= self.keep:
-            return np.empty(shape, np.float32)
-        self.outputs.append(np.empty(shape, np.float32))
-        self.alone = sys.getrefcount(self.outputs[-1])  # only this list holds it: the count that means "free"
-        return self.outputs[-1]
-
-
-class _BatchIterator:
-    """Consumer side of one epoch's prefetch thread; errors raised in the thread are re-raised here."""
-
-    def __init__(self, loader: ShardLoader, epoch: int, start_batch: int):
-        self.queue: queue.Queue = queue.Queue(maxsize=loader.prefetch)
-        self.stop = threading.Event()
-        self.finished = False
-        # the thread gets the queue and the event, not self: dropping the iterator (a `break`) stops it via __del__
-        self.thread = threading.Thread(target=_produce, args=(loader, epoch, start_batch, self.queue, self.stop), daemon=True,
-                                       name=f"hpcdnn-loader-{loader.split}-e{epoch}")  # fmt: skip
-        self.thread.start()
-
-    def __iter__(self) -> _BatchIterator:
-        return self
-
-    def __next__(self):
-        while not self.finished:
-            try:
-                item = self.queue.get(timeout=1.0)
-            except queue.Empty:
-                if not self.thread.is_alive() and self.queue.empty():
-                    self.close()
-                    raise RuntimeError("hpcdnn loader: the prefetch thread ended without a result") from None
-                continue
-            if item is _END:
-                break
-            if isinstance(item, BaseException):  # raised in the thread (batches are tuples)
-                self.close()
-                raise item
-            return item
-        self.close()
-        raise StopIteration
-
-    def close(self) -> None:
-        """Stop the thread (it closes its HDF5 files) and wait for it."""
-        self.finished = True
-        self.stop.set()
-        while self.thread.is_alive():
-            try:
-                self.queue.get(timeout=0.05)  # unblock a put
-            except queue.Empty:
-                pass
-        self.thread.join()
-
-    def __del__(self) -> None:
-        if getattr(self, "thread", None) is not None:
-            self.stop.set()
-
-
-def _produce(loader: ShardLoader, epoch: int, start_batch: int, q: queue.Queue, stop: threading.Event) -> None:
-    """Prefetch thread: make batches in order into `q` until done or stopped; owns its HDF5 files and decode pool."""
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    readers: dict[int, ShardReader] = {}
-    pool = ThreadPoolExecutor(loader.workers) if loader.encoding != "raw" and loader.workers > 1 else None
-    try:
-        part = loader.rank_indices(epoch)
-        staging = _Buffers(loader)
-        for b in range(start_batch, loader.num_batches):
-            if stop.is_set() or not put(loader._make_batch(readers, part, epoch, b, staging, pool)):
-                return
-        put(_END)
-    except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
-        put(e)
-    finally:
-        if pool:
-            pool.shutdown(wait=True)
-        for r in readers.values():
-            r.close()

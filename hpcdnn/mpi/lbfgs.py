@@ -1,9 +1,10 @@
 """Distributed L-BFGS: the (s, y) history sharded across ranks, directions by the vector-free two-loop recursion.
-Every rank holds the full parameter vector x and, after the objective's allreduce, the full gradient. The line search,
-re-exported here, lives in hpcdnn/kernels/lbfgs.py (it needs no MPI of its own: the objective it calls does).
+Every rank holds the full parameter vector x and its own shard of the gradient (`Objective` Reduce_scatters the
+gradient sum; a full vector is accepted too). The line search, re-exported here, lives in hpcdnn/kernels/lbfgs.py (it
+needs no MPI of its own: the objective it calls does).
 
     opt = ShardedLBFGS(n, history=10, comm=comm)
-    f, g = objective()                                    # collective: evaluates at x
+    f, g = objective()                                    # collective: loss, this rank's gradient shard at x
     d, gtd = opt.direction(g)                             # collective: one small allreduce, one allgather
     step = line_search(objective, x, d, f, gtd, opt.first_step(1.0), mode="wolfe", slope=lambda g: opt.dot(g, d))
     opt.propose(step.t, d, step.g) if step.ok else opt.reset()
@@ -16,7 +17,10 @@ them, every rank runs the recursion on the Gram matrix (Chen et al. 2014), forms
 (`lincomb`) and one Allgatherv assembles d. The previous 2m-1 rows of the Gram matrix are kept, not recomputed.
 
 The curvature pair of a step is committed by the next `direction` call (its s.y arrives in the same allreduce):
-pairs with s.y <= 1e-10 are skipped, as in torch.optim.LBFGS, whose recursion and first step this follows.
+pairs with s.y <= 1e-10 are skipped, as in torch.optim.LBFGS, whose recursion and first step this follows, and so
+are pairs with a non-finite s.s or y.y (one NaN or inf gradient). A slot not in use may hold anything (a rejected
+pair's NaN): only the rows in use enter a sum (`lincomb` skips zero coefficients, g.d sums over used rows), so one bad
+gradient costs one pair, not the history.
 """
 
 from __future__ import annotations
@@ -65,11 +69,20 @@ class ShardedLBFGS:
         """torch.optim.LBFGS's trial step: min(1, 1/|g|_1) * step without history, else step."""
         return min(1.0, 1.0 / self.g_norm1) * step if self.fresh and self.g_norm1 > 0 else step
 
+    def shard(self, v: np.ndarray, what: str = "vector") -> np.ndarray:
+        """This rank's columns of v: v itself when it is this rank's shard, its slice when it is a full vector."""
+        if v.shape == (self.hi - self.lo,):
+            return v
+        if v.shape == (self.n,):
+            return v[self.lo : self.hi]
+        raise ValueError(f"{what} of shape {v.shape}: expected this rank's shard ({self.hi - self.lo},) of columns "
+                         f"[{self.lo}, {self.hi}) or the full vector ({self.n},)")  # fmt: skip
+
     def direction(self, g: np.ndarray) -> tuple[np.ndarray, float]:
-        """d = -H g (full vector, identical on every rank) and g.d; collective. Commits the pending pair first."""
-        if g.shape != (self.n,):
-            raise ValueError(f"gradient of shape {g.shape}, expected ({self.n},)")
-        self.V[self.g_row] = g[self.lo : self.hi]
+        """d = -H g (full vector, identical on every rank) and g.d; collective. Commits the pending pair first.
+
+        g is this rank's gradient shard (or the full gradient)."""
+        self.V[self.g_row] = self.shard(g, "gradient")
         p = self.pending
         rows = [p, self.y_row(p), self.g_row] if p is not None else [self.g_row]
         part = gram(self.V, rows)
@@ -80,8 +93,8 @@ class ShardedLBFGS:
         dots, self.g_norm1 = buf[:-1].reshape(part.shape), float(buf[-1])
         if p is not None:
             self.pending = None
-            ys = dots[0, self.y_row(p)]
-            if ys > self.eps:  # False for NaN too
+            ys, ss, yy = dots[0, self.y_row(p)], dots[0, p], dots[1, self.y_row(p)]
+            if ys > self.eps and math.isfinite(ss) and math.isfinite(yy):  # s.y > eps is False for NaN, not for +inf
                 if len(self.order) == self.m:
                     self.order.pop(0)
                 self.order.append(p)
@@ -90,8 +103,10 @@ class ShardedLBFGS:
             else:
                 self.pairs_rejected += 1
         self.G[self.g_row, :], self.G[:, self.g_row] = dots[-1], dots[-1]
-        coef = two_loop_coefficients(self.G, self.order, [self.y_row(j) for j in self.order], self.g_row, self.rows)
-        gtd = math.fsum(coef * self.G[self.g_row])  # correctly rounded: identical on every rank
+        y_rows = [self.y_row(j) for j in self.order]
+        coef = two_loop_coefficients(self.G, self.order, y_rows, self.g_row, self.rows)
+        used = [*self.order, *y_rows, self.g_row]  # unused slots may hold NaN: 0 * NaN must not enter the sum
+        gtd = math.fsum(coef[used] * self.G[self.g_row, used])  # correctly rounded: identical on every rank
         if not gtd < 0:  # not a descent direction (possible with stochastic batches) or NaN: steepest descent
             self.reset()
             coef = np.zeros(self.rows)
@@ -103,15 +118,24 @@ class ShardedLBFGS:
         return self.d, gtd
 
     def propose(self, t: float, d: np.ndarray, g_new: np.ndarray) -> None:
-        """Record the step just taken (s = t d, y = g_new - g on the same batch); committed by the next direction()."""
+        """Record the step just taken (s = t d, y = g_new - g on the same batch); committed by the next direction().
+
+        d is the full direction (or this rank's shard), g_new this rank's shard of the new gradient (or the full one)."""
         slot = next(j for j in range(self.m + 1) if j not in self.order)
-        np.multiply(d[self.lo : self.hi], self.dtype.type(t), out=self.V[slot])
-        np.subtract(g_new[self.lo : self.hi], self.V[self.g_row], out=self.V[self.y_row(slot)])
+        np.multiply(self.shard(d, "direction"), self.dtype.type(t), out=self.V[slot])
+        np.subtract(self.shard(g_new, "gradient"), self.V[self.g_row], out=self.V[self.y_row(slot)])
         self.pending = slot
 
     def dot(self, u: np.ndarray, v: np.ndarray) -> float:
-        """u . v of two full vectors, from this rank's slice and one allreduce: the same value on every rank."""
-        return self.comm.allreduce(float(np.dot(u[self.lo : self.hi].astype(np.float64), v[self.lo : self.hi])), op=MPI.SUM)
+        """u . v from this rank's columns and one allreduce (each a shard or a full vector): the same value on every rank."""
+        return self.comm.allreduce(float(np.dot(self.shard(u).astype(np.float64), self.shard(v))), op=MPI.SUM)
+
+    def gather(self, v: np.ndarray, root: int = 0) -> np.ndarray | None:
+        """The full vector of every rank's shard `v` (e.g. the gradient, for a checkpoint) on `root`, else None. Collective."""
+        full = np.empty(self.n, v.dtype) if self.comm.Get_rank() == root else None
+        spec = [full, self._counts, self._displs, MPI._typedict[v.dtype.char]] if full is not None else None
+        self.comm.Gatherv(np.ascontiguousarray(self.shard(v)), spec, root)
+        return full
 
     def reset(self) -> None:
         """Forget every pair (after a failed line search or an ascent direction)."""

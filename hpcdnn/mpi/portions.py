@@ -1,9 +1,10 @@
 """Sandblaster's work distribution: a batch cut into portions that ranks claim from a counter, backup tasks for
-stragglers, and the distributed objective that sums the results with one Allreduce.
+stragglers, and the distributed objective that sums the results (a Reduce_scatter of the gradient, so each rank gets
+only the shard its L-BFGS history holds, and a small Allreduce of the loss and counts).
 
     portions = Portions(48, comm=comm)                          # windows on the coordinator (rank 0)
     objective = Objective(portion_fn, portions, x, comm=comm)   # portion_fn(k, keep_going) -> (loss_sum, grad_sum, count)
-    f, g = objective()                                          # collective: mean loss and gradient over the batch
+    f, g = objective()                                          # collective: mean loss; this rank's shard of the gradient
 
 Protocol of one evaluation e (e = 1, 2, ... in this process):
   claim     k = Fetch_and_op(+1) on the coordinator's counter, minus the counter's value when e began; k < P: compute
@@ -16,10 +17,12 @@ Protocol of one evaluation e (e = 1, 2, ... in this process):
             to its sums, so no portion counts twice and none is lost. Flags carry evaluation numbers: nothing is reset.
   abandon   between chunks a rank reads flag[k]; if another copy already won it stops (a straggler does not hold up the
             allreduce), counted with the losers of the CAS as discarded.
-  done      when every flag is e, each rank's sums go into one Allreduce (gradient, loss, samples, claims).
+  done      when every flag is e, the gradient sums go into one Reduce_scatter (rank r receives columns
+            shard_ranges(n, size)[r], the ones ShardedLBFGS keeps) and the loss, samples, claims and stop votes into
+            one small Allreduce (every rank must see the same loss bits: the line search decides on it).
 
-Summation is float64: each rank adds the float32 portion gradients it won in float64, the Allreduce sums in float64,
-the mean is rounded to float32 once. Which rank won which portion changes the float64 rounding (~1e-16 relative)
+Summation is float64: each rank adds the float32 portion gradients it won in float64, the Reduce_scatter sums in
+float64, the mean is rounded to float32 once. Which rank won which portion changes the float64 rounding (~1e-16 relative)
 but, except for values within that distance of a float32 rounding boundary, not the float32 gradient; so a run is
 reproducible for a given seed and rank count up to those rare last-bit ties (tests compare with a tolerance).
 The windows live in one shared Lock_all epoch (`SharedWindow`): with per-operation locks MPICH grants the lock
@@ -158,13 +161,20 @@ class Objective:
     portion_fn(k, keep_going) -> (loss_sum, grad_sum, count) or None if keep_going() said stop; grad_sum is a
     float32/float64 vector of len(x), valid until the next call. `expected` is the batch size: the summed sample
     count must equal it, or the evaluation raises (a portion lost or counted twice).
+    Returns (f, g): g is this rank's shard, columns [lo, hi) = shard_ranges(len(x), size)[rank], in x's dtype;
+    gradient="full" returns the whole vector through one Allreduce instead (the baseline bench/sandblaster.py times).
     """
 
-    def __init__(self, portion_fn, portions: Portions, x: np.ndarray, *, comm, weight_decay: float = 0.0) -> None:
-        self.fn, self.portions, self.x, self.comm, self.wd = portion_fn, portions, x, comm, weight_decay
+    def __init__(self, portion_fn, portions: Portions, x: np.ndarray, *, comm, weight_decay: float = 0.0, gradient: str = "shard") -> None:
+        if gradient not in ("shard", "full"):
+            raise ValueError(f"gradient={gradient!r}: use 'shard' (Reduce_scatter, for ShardedLBFGS) or 'full' (Allreduce)")
+        self.fn, self.portions, self.x, self.comm, self.wd, self.full = portion_fn, portions, x, comm, weight_decay, gradient == "full"
         self.n = x.size
-        self.lo, self.hi = shard_ranges(self.n, comm.Get_size())[comm.Get_rank()]
+        ranges = shard_ranges(self.n, comm.Get_size())
+        self.lo, self.hi = ranges[comm.Get_rank()]
+        self.counts = [hi - lo for lo, hi in ranges]
         self.buf = np.zeros(self.n + 5)  # gradient sum, loss sum, samples, claims, stop votes, |x|^2 (by shards)
+        self.shard = np.empty(self.hi - self.lo)  # this rank's columns of the summed gradient
         self.expected = 0
         self.evaluations = 0
         self.samples = 0  # samples counted over all evaluations
@@ -189,10 +199,17 @@ class Objective:
 
         buf[n + 2] = self.portions.run(compute, commit)
         buf[n + 3] = float(self.stop_vote)
+        x = self.x if self.full else self.x[self.lo : self.hi]
         if self.wd:  # by shards, summed in the allreduce: every rank gets the same bits (decisions depend on f)
             mine = self.x[self.lo : self.hi].astype(np.float64)
             buf[n + 4] = mine @ mine
-        self.comm.Allreduce(MPI.IN_PLACE, buf)
+        if self.full:
+            self.comm.Allreduce(MPI.IN_PLACE, buf)
+            g = buf[:n]
+        else:
+            self.comm.Reduce_scatter(buf[:n], self.shard, self.counts, op=MPI.SUM)
+            self.comm.Allreduce(MPI.IN_PLACE, buf[n:])
+            g = self.shard
         count, claims = int(buf[n + 1]), int(buf[n + 2])
         if count != self.expected or claims != self.portions.expected_claims():
             raise RuntimeError(
@@ -203,7 +220,7 @@ class Objective:
         self.samples += count
         self.stop_agreed = buf[n + 3] > 0
         f = buf[n] / count + 0.5 * self.wd * buf[n + 4]
-        g = buf[:n] / count
+        g = g / count
         if self.wd:
-            g += self.wd * self.x.astype(np.float64)
+            g += self.wd * x.astype(np.float64)
         return float(f), g.astype(self.x.dtype)

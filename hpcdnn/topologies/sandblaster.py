@@ -8,8 +8,11 @@ A step is one L-BFGS iteration: the gradient of the batch (portions claimed from
 mpi/portions.py), a direction from the sharded history (mpi/lbfgs.py), a line search on the same batch, and the new
 (s, y) pair. `batch_size` is the global batch (all ranks together); a new batch is drawn every `sb_batch_iters`
 iterations and may grow every epoch (`sb_batch_growth`, progressive batching), so an epoch has
-batches(epoch) x sb_batch_iters steps. Within a batch the objective is a fixed function: no dropout unless
---sb_dropout (then the masks are seeded by batch and portion), augmentation drawn once per batch. Rank 0 coordinates;
+batches(epoch) x sb_batch_iters steps. Each rank reads and augments only the samples of the portions it computes
+(sandblaster_data.py: the batch's samples and augmentation are a function of the seed and the batch, so any rank
+computing a portion sees the same input), and the gradient sum arrives at each rank as its shard of the L-BFGS
+vectors (Reduce_scatter). Within a batch the objective is a fixed function: no dropout unless --sb_dropout (then the
+masks are seeded by batch and portion), augmentation drawn once per batch. Rank 0 coordinates;
 the driver's root evaluates, logs and checkpoints (the history is gathered to it); `lr`, `momentum` and `optimizer`
 are not used (see sb_step).
 """
@@ -22,9 +25,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from hpcdnn import checkpoint as ck
-from hpcdnn.data.loader import ShardLoader
 from hpcdnn.topologies.base import Run, StepResult, Topology
-from hpcdnn.topologies.sandblaster_data import ModelPortions, auto_portions
+from hpcdnn.topologies.sandblaster_data import ModelPortions, PortionData, auto_portions
 
 COUNTERS = ("lbfgs_iterations", "gradient_evals", "line_search_evals", "line_search_failures", "samples_counted")
 
@@ -46,7 +48,10 @@ class Sandblaster(Topology):
         self.count = cfg.sb_portions or auto_portions(cfg.batch_size, self.world)
         self.portions = Portions(self.count, comm=comm, dynamic=cfg.sb_dynamic, backup_after=cfg.sb_backup_after,
                                  slow_rank=cfg.slow_rank, slow_factor=cfg.slow_factor)  # fmt: skip
-        self.fn = ModelPortions(run.model, run.flat, self.count, cfg.sb_chunk, dropout=cfg.sb_dropout, seed=cfg.seed)
+        self.data = PortionData(
+            cfg.data, "train", seed=cfg.seed, flip=cfg.flip, pca_std=cfg.pca_std, workers=run.threads, **run.loader_args()
+        )
+        self.fn = ModelPortions(run.model, run.flat, self.count, cfg.sb_chunk, dropout=cfg.sb_dropout, seed=cfg.seed, data=self.data)
         self.x = self.fn.x
         self.objective = Objective(self.fn, self.portions, self.x, comm=comm, weight_decay=cfg.weight_decay)
         self.opt = ShardedLBFGS(run.flat.numel, cfg.sb_history, comm=comm, dtype=np.float32)
@@ -59,7 +64,7 @@ class Sandblaster(Topology):
             st = saved.state
             self.x[:] = saved.params
             self.opt.load_state(saved.optim["lbfgs_basis"], st["lbfgs"])
-            self.f, self.g = (st["f"], saved.optim["grad"].copy()) if "grad" in saved.optim else (0.0, None)
+            self.f, self.g = (st["f"], self.opt.shard(saved.optim["grad"]).copy()) if "grad" in saved.optim else (0.0, None)
             self.batch_loss = st["batch_loss"]
             self.base, self.portion_base = st["counters"], np.array(st["portion_stats"], np.int64)
             self.ls_evals, self.ls_failures = self.base["line_search_evals"], self.base["line_search_failures"]
@@ -79,38 +84,33 @@ class Sandblaster(Topology):
         cfg, obj, opt, fn = self.cfg, self.objective, self.opt, self.fn
         iters, size = cfg.sb_batch_iters, self.batch_size(epoch)
         obj.expected = size
-        data = ShardLoader(cfg.data, "train", size, seed=cfg.seed, train=True, flip=cfg.flip, pca_std=cfg.pca_std, prefetch=1,
-                           workers=self.run.threads, **self.run.loader_args())  # fmt: skip
-        try:
-            first, inner = divmod(start, iters)
-            for batch, (images, labels) in enumerate(data.iter_epoch(epoch, start_batch=first), start=first):
-                fn.set_batch(images, labels, (epoch, batch))
-                if self.g is None:  # a new batch: its gradient at the current point (its loss estimates the training loss)
-                    self.f, self.g = obj()
-                    self.batch_loss = self.f
-                    if obj.stop_agreed:
-                        return
-                self.last_epoch = epoch
-                for i in range(inner, iters):
-                    samples = obj.samples
-                    d, gtd = opt.direction(self.g)
-                    ls = line_search(obj, self.x, d, self.f, gtd, opt.first_step(cfg.sb_step), mode=cfg.sb_line_search,
-                                     max_evals=cfg.sb_ls_max, slope=lambda g_new, d=d: opt.dot(g_new, d))  # fmt: skip
-                    if ls.ok:
-                        opt.propose(ls.t, d, ls.g)
-                        self.f, self.g = ls.f, ls.g
-                    else:
-                        opt.reset()  # x is back where it was; steepest descent with a short first step next
-                    self.iterations += 1
-                    if i == iters - 1:
-                        self.g = None  # the batch is done: the next one starts with its own evaluation
-                    self.ls_evals, self.ls_failures = self.ls_evals + ls.evals, self.ls_failures + (not ls.ok)
-                    yield StepResult(self.f, obj.samples - samples, bar={"t": f"{ls.t:.2g}"},
-                                     log={"new_batch_loss": self.batch_loss, "step_length": ls.t, "line_search_evals": ls.evals,
-                                          "batch_size": size})  # fmt: skip
-                inner = 0
-        finally:
-            data.close()
+        first, inner = divmod(start, iters)
+        for batch in range(first, self.data.batches(epoch, size)):
+            fn.set_batch(epoch, batch, size)
+            if self.g is None:  # a new batch: its gradient at the current point (its loss estimates the training loss)
+                self.f, self.g = obj()
+                self.batch_loss = self.f
+                if obj.stop_agreed:
+                    return
+            self.last_epoch = epoch
+            for i in range(inner, iters):
+                samples = obj.samples
+                d, gtd = opt.direction(self.g)
+                ls = line_search(obj, self.x, d, self.f, gtd, opt.first_step(cfg.sb_step), mode=cfg.sb_line_search,
+                                 max_evals=cfg.sb_ls_max, slope=lambda g_new, d=d: opt.dot(g_new, d))  # fmt: skip
+                if ls.ok:
+                    opt.propose(ls.t, d, ls.g)
+                    self.f, self.g = ls.f, ls.g
+                else:
+                    opt.reset()  # x is back where it was; steepest descent with a short first step next
+                self.iterations += 1
+                if i == iters - 1:
+                    self.g = None  # the batch is done: the next one starts with its own evaluation
+                self.ls_evals, self.ls_failures = self.ls_evals + ls.evals, self.ls_failures + (not ls.ok)
+                yield StepResult(self.f, obj.samples - samples, bar={"t": f"{ls.t:.2g}"},
+                                 log={"new_batch_loss": self.batch_loss, "step_length": ls.t, "line_search_evals": ls.evals,
+                                      "batch_size": size})  # fmt: skip
+            inner = 0
 
     # ---- stopping, evaluation, state
     def stop_requested(self, signalled: bool) -> bool:
@@ -141,9 +141,10 @@ class Sandblaster(Topology):
             raise RuntimeError(f"replicas diverged by step {self.iterations}: parameter CRC32 per rank {crcs} (a bug, please report)")
         basis, meta = self.opt.state()
         totals = self.portion_totals()
+        grad = self.opt.gather(self.g) if self.g is not None else None  # the gradient travels in shards
         if self.comm.Get_rank() != 0:
             return None
-        optim = {"lbfgs_basis": basis} | ({"grad": self.g} if self.g is not None else {})
+        optim = {"lbfgs_basis": basis} | ({"grad": grad} if grad is not None else {})
         extra = {"f": self.f, "batch_loss": self.batch_loss, "lbfgs": meta, "counters": self.counters(),
                  "portion_stats": totals.tolist()}  # fmt: skip
         return self.x.copy(), optim, extra, ck.capture_rng()
@@ -159,3 +160,4 @@ class Sandblaster(Topology):
 
     def close(self) -> None:
         self.portions.free()
+        self.data.close()

@@ -31,9 +31,9 @@ def auto_portions(batch: int, world: int) -> int:
 
 
 class PortionData:
-    """One split read by positions of a batch: `select` a batch (indices and augmentation draws, no pixels), then
-    `portion(lo, hi)` reads and augments positions lo..hi-1 of it in the calling thread (sorted indices: slices of
-    neighbours, never an h5py list index). Also a context manager."""
+    """One split read by positions of a batch: `portion(epoch, batch, batch_size, lo, hi)` reads and augments positions
+    lo..hi-1 of that batch in the calling thread (sorted indices: slices of neighbours, never an h5py list index).
+    The last batch's indices and draws are kept, so its portions cost only their reads. Also a context manager."""
 
     def __init__(self, directory, split: str = "train", *, seed: int, crop: int | None = None, pad: int = 0, flip: bool = True,
                  pca_std: float = 0.1, device=None, workers: int | None = None) -> None:  # fmt: skip
@@ -41,7 +41,7 @@ class PortionData:
                                   device=device, workers=workers)  # fmt: skip
         self.total = self.loader.total
         self._order: tuple[int, np.ndarray | None] = (-1, None)  # (epoch, its permutation)
-        self.idx, self.draws = np.empty(0, np.int64), None
+        self._batch: tuple[tuple[int, int, int] | None, np.ndarray, tuple] = (None, np.empty(0, np.int64), ())
 
     def batches(self, epoch: int, batch_size: int) -> int:
         """Full batches of `batch_size` in an epoch (the < batch_size left-over samples sit out, as in ShardLoader)."""
@@ -49,18 +49,22 @@ class PortionData:
             raise ValueError(f"batch_size {batch_size}: the {self.loader.split!r} split has {self.total} samples; use 1..{self.total}")
         return self.total // batch_size
 
-    def select(self, epoch: int, batch: int, batch_size: int) -> None:
-        """Make batch `batch` of `epoch` current: its sorted sample indices and per-position draws (cheap: no reads)."""
-        if not 0 <= batch < self.batches(epoch, batch_size):
-            raise ValueError(f"batch {batch} of epoch {epoch}: batches of {batch_size} give 0..{self.batches(epoch, batch_size) - 1}")
-        if self._order[0] != epoch:
-            self._order = (epoch, self.loader.rank_indices(epoch))  # rank 0 of 1: the whole permutation of (seed, epoch)
-        self.idx = np.sort(self._order[1][batch * batch_size : (batch + 1) * batch_size])
-        self.draws = self.loader.batch_draws(epoch, batch, batch_size)
+    def batch(self, epoch: int, batch: int, batch_size: int) -> tuple[np.ndarray, tuple]:
+        """Sorted sample indices of batch `batch` of `epoch` and its per-position draws (offsets, flips, shift); no reads."""
+        key = (epoch, batch, batch_size)
+        if self._batch[0] != key:
+            if not 0 <= batch < self.batches(epoch, batch_size):
+                raise ValueError(f"batch {batch} of epoch {epoch}: batches of {batch_size} give 0..{self.batches(epoch, batch_size) - 1}")
+            if self._order[0] != epoch:
+                self._order = (epoch, self.loader.rank_indices(epoch))  # rank 0 of 1: the whole permutation of (seed, epoch)
+            idx = np.sort(self._order[1][batch * batch_size : (batch + 1) * batch_size])
+            self._batch = (key, idx, self.loader.batch_draws(epoch, batch, batch_size))
+        return self._batch[1], self._batch[2]
 
-    def portion(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y) of positions lo..hi-1 of the current batch, on the loader's device."""
-        return self.loader.read_samples(self.idx[lo:hi], *(a[lo:hi] for a in self.draws))
+    def portion(self, epoch: int, batch: int, batch_size: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of positions lo..hi-1 of batch `batch` of `epoch`, on the loader's device."""
+        idx, draws = self.batch(epoch, batch, batch_size)
+        return self.loader.read_samples(idx[lo:hi], *(a[lo:hi] for a in draws))
 
     def close(self) -> None:
         self.loader.close()
@@ -75,8 +79,9 @@ class PortionData:
 class ModelPortions:
     """Loss and gradient sums of the model on portion k of the current batch, `chunk` samples per forward/backward.
 
-    `data` is a PortionData (or anything with select(epoch, batch, batch_size) and portion(lo, hi) -> (x, y)). The
-    portions this rank has read stay cached until the batch changes: the line search evaluates the same batch again.
+    `data` is a PortionData (or anything with batches(epoch, batch_size) and portion(epoch, batch, batch_size, lo, hi)
+    -> (x, y)). The portions this rank has read stay cached until the batch changes: the line search evaluates the same
+    batch again.
     """
 
     def __init__(self, model, flat: FlatParams, count: int, chunk: int, *, dropout: bool, seed: int, data) -> None:
@@ -93,15 +98,16 @@ class ModelPortions:
         """Make batch `batch` of `epoch` (of `batch_size` samples) current; the portions are read when computed."""
         if batch_size < self.count:
             raise ValueError(f"a batch of {batch_size} samples cannot fill {self.count} portions: use sb_portions <= batch_size")
+        if not 0 <= batch < self.data.batches(epoch, batch_size):
+            raise ValueError(f"batch {batch} of epoch {epoch}: batches of {batch_size} give 0..{self.data.batches(epoch, batch_size) - 1}")
         if (epoch, batch, batch_size) != self.batch:
-            self.data.select(epoch, batch, batch_size)
             self.batch, self.cache = (epoch, batch, batch_size), {}
             self.bounds = [k * batch_size // self.count for k in range(self.count + 1)]
 
     def inputs(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of portion k of the current batch: read and augmented on first use, then cached."""
         if k not in self.cache:
-            self.cache[k] = self.data.portion(self.bounds[k], self.bounds[k + 1])
+            self.cache[k] = self.data.portion(*self.batch, self.bounds[k], self.bounds[k + 1])
         return self.cache[k]
 
     def load_params(self) -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, mpirun, prep, signal_once_logging
-from fakes import make_idx_dataset
+from conftest import REPO, mpirun, signal_once_logging
+from test_tensorboard import assert_same, expected_events
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sandblaster_cases import SAMPLES, SCENARIOS, WEIGHT_DECAY, logistic_problem, loss_and_grad  # noqa: E402
@@ -114,16 +114,8 @@ def test_straggler_is_backed_up_and_every_sample_counts_once(convex):
     assert convex(3, "static")["stats"][1] == 0  # the static split never backs up
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    make_idx_dataset(d / "idx", n_train=120, n_test=40, seed=3)
-    assert prep("idx", "--dir", d / "idx", "--out", d / "data", "--shard-size", "50") == 0
-    return d / "data"
-
-
 DRIVER_ARGS = ["--batch_size=48", "--epochs=2", "--sb_batch_iters=2", "--threads=1", "--sb_chunk=4", "--sb_portions=12",
-               "--log_every=1", "--sb_batch_growth=1"]  # fmt: skip
+               "--log_every=1", "--sb_batch_growth=1", "--tensorboard=true"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +128,7 @@ def driver(tiny, tmp_path_factory):
     return runs, summaries
 
 
-def test_driver_summary_and_run_directory(driver):
+def test_driver_summary_and_run_directory(driver, read_events):
     runs, (a, *_) = driver
     for key in ("topology", "model", "parameters", "device", "steps", "images_per_s", "train_time_s", "val_split", "val_top1",
                 "val_top5", "val_loss", "portions_total", "portions_backup", "portions_discarded", "lbfgs_iterations",
@@ -153,6 +145,9 @@ def test_driver_summary_and_run_directory(driver):
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0], losses  # it learns
     assert sum("val_top1" in r for r in records) == 2
+    events = read_events(runs / "a")  # TensorBoard holds what metrics.jsonl and summary.json say, line-search counts too
+    assert_same(events, expected_events(runs / "a"))
+    assert {"train/line_search_evals", "train/step_length", "summary/portions_backup", "summary/gradient_evals"} <= set(events)
 
 
 def test_resume_continues_the_same_trajectory(driver):
@@ -194,3 +189,32 @@ def test_signal_checkpoints_and_resume_equals_uninterrupted(driver, tiny, tmp_pa
     assert s["steps"] == a["steps"] and s["portions_total"] == a["portions_total"], s
     assert not (run / "preempted.json").exists()
     np.testing.assert_allclose(ck.load(run / ck.LATEST).params, ck.load(runs / "a" / ck.LATEST).params, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf"])
+def test_a_non_finite_gradient_does_not_poison_the_history(tmp_path, kind):
+    """One non-finite g_new handed to propose: its pair is rejected, and L-BFGS goes on with the pairs it had (it
+    must not fall back to steepest descent for the rest of the run because the bad slot still holds NaN or inf)."""
+    from sandblaster_cases import POISON_AT
+
+    launch(2, "convex", tmp_path, kind, kind)  # 1 rank (COMM_SELF), then 2
+    for ranks in (1, 2):
+        run = np.load(tmp_path / str(ranks) / f"{kind}.npz")
+        steepest, losses = run["steepest"], run["losses"]
+        assert int(run["rejected"]) == 1, (ranks, int(run["rejected"]))
+        assert steepest[0] and not steepest[1:].any(), (ranks, steepest.astype(int).tolist())  # history used after the poison
+        assert np.all(np.isfinite(losses)) and np.all(np.diff(losses) <= 1e-15), losses
+        assert len(steepest) > POISON_AT + 5
+
+
+def test_reduce_scatter_gives_the_allreduce_trajectory(tmp_path):
+    """Each rank receiving only its shard of the gradient (Reduce_scatter) follows the iterates of the full-gradient
+    Allreduce; the shards gathered (what a checkpoint stores) are the gradient at the last iterate."""
+    launch(3, "convex", tmp_path, "", "wolfe,full")
+    shard, full = np.load(tmp_path / "3" / "wolfe.npz"), np.load(tmp_path / "3" / "full.npz")
+    np.testing.assert_allclose(shard["iterates"], full["iterates"], rtol=0, atol=1e-12)
+    X, labels, _ = logistic_problem()
+    for run in (shard, full):
+        x = run["iterates"][-1]
+        want = loss_and_grad(x, X, labels)[1] / SAMPLES + WEIGHT_DECAY * x
+        np.testing.assert_allclose(run["g"], want, rtol=1e-9, atol=1e-15)
