@@ -45,7 +45,7 @@ from hpcdnn.data.schema import load_manifest
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 BATCH = 128
-TRAINING_RATES = {"AlexNet-224 forward+backward, batch 32": 28, "small net 28x28x1": 200}  # img/s, LIMITS.md
+TRAINING_RATES = {"AlexNet-224 forward+backward, batch 32": 28, "small net 28x28x1": 200}  # img/s, bench/model.py on this machine
 
 
 def quiet_prep(*args: str | Path) -> None:
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
               f"load average {os.getloadavg()[0]:.1f} before timing; data made in {time.perf_counter() - t0:.0f} s")  # fmt: skip
         fm_ours, _ = run("fashion-mnist", fashion, 28, 2, 150, args.repeats)
         rgb_ours, _ = run(f"rgb-256 ({args.images} generated images)", rgb, 224, 0, 30, args.repeats)
-    print("\nwhat training consumes (LIMITS.md, this machine, 2 threads) vs what ShardLoader supplies:")
+    print("\nwhat training consumes (bench/model.py, this machine, 2 threads) vs what ShardLoader supplies:")
     for (what, rate), ours_rate in zip(TRAINING_RATES.items(), (rgb_ours, fm_ours)):
         print(f"  {what:<40} ~{rate:>4} img/s   loader {ours_rate:>9,.0f} img/s = {ours_rate / rate:,.0f}x headroom")
     print(f"total {time.perf_counter() - t0:.0f} s; load average now {os.getloadavg()[0]:.1f}")

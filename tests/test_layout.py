@@ -1,4 +1,4 @@
-"""The layout rules of DESIGN.md and STYLE.md, checked on the source: one-way imports between layers, no import
+"""The layout rules (README's Layout section), checked on the source: one-way imports between layers, no import
 cycles, modules of at most 350 lines and functions of at most 80.
 
 The import graph comes from an AST walk over every .py file of hpcdnn/ and data_prep/: every `import x` and
@@ -177,7 +177,7 @@ def test_no_import_cycles(graph):
 
 def test_layers_import_only_downward(graph):
     bad = forbidden_edges(graph)
-    assert not bad, "imports against DESIGN.md's direction:\n" + "\n".join(bad)
+    assert not bad, "imports against the layers' direction (README, Layout):\n" + "\n".join(bad)
 
 
 def test_modules_and_functions_are_short():
