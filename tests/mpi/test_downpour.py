@@ -84,6 +84,13 @@ def test_three_workers_account_for_every_push(fashion_tiny, tmp_path, read_event
     assert sum(s["staleness_hist"]) == s["pushes_applied"]
     assert s["staleness_max"] <= 1 and s["rejected_stale"] == s["pushes_rejected"]
     assert np.isfinite(params(run)).all()
+    # the control words of 3 workers cannot be resumed by 2: a clear error on every rank, the checkpoint untouched
+    before = (run / "checkpoint.h5").read_bytes()
+    cmd = [*mpirun(3), sys.executable, "-m", "mpi4py", "-m", "hpcdnn", "train", *COMMON, f"--data={fashion_tiny}", f"--run_dir={run}",
+           "--topology=downpour", "--optimizer=adagrad", "--epochs=2", "--max_staleness=1", "--warmstart_steps=3", "--resume"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode != 0 and "another number of workers (3, now 2)" in r.stderr, r.stderr[-2000:]
+    assert (run / "checkpoint.h5").read_bytes() == before
 
 
 def test_adagrad_one_worker_matches_torch(tmp_path):
