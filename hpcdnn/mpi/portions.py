@@ -85,7 +85,9 @@ class Portions:
         """Compute portions until all of this evaluation's are done; `commit(k)` for each result that counts.
 
         compute(k, keep_going) computes portion k, calling keep_going() after each chunk and stopping (returning False)
-        when it says so. Returns how many claims this rank made (the objective checks the total).
+        when it says so. Returns how many claims this rank made (the objective checks the total). Collective in
+        effect: consecutive calls must be separated by a collective over `comm` (the objective's Allreduce is one),
+        or a fast rank's claims for the next evaluation would mix with a slow rank's for this one.
         """
         self.evaluation += 1
         if not self.dynamic:
