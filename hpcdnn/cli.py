@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             from hpcdnn.topologies import topology
             from hpcdnn.train import train
 
-            if topology(cfg.topology).servers(cfg) is not None:  # a topology that runs under MPI
+            if topology(cfg.topology).n_servers(cfg) is not None:  # a topology that runs under MPI
                 from mpi4py import MPI
 
                 comm = MPI.COMM_WORLD

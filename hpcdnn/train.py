@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -107,9 +108,7 @@ def train(cfg: Config, resume: bool = False, comm=None) -> dict:
 
 def setup(cfg: Config, resume: bool, comm, kind) -> tuple[Run, str]:
     """Roles, placement, the checkpoint to resume from, the data set's manifest and the model (collective)."""
-    from pathlib import Path
-
-    n_servers, roles = kind.servers(cfg), None
+    n_servers, roles = kind.n_servers(cfg), None
     if n_servers is not None:
         if comm is None:
             raise ValueError(f"--topology={cfg.topology} runs under MPI: mpirun -n N python -m mpi4py -m hpcdnn train ...")

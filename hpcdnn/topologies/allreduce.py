@@ -17,7 +17,7 @@ class Allreduce(Local):
     per_rank_rng = True
 
     @classmethod
-    def servers(cls, cfg) -> int | None:
+    def n_servers(cls, cfg) -> int | None:
         return 0
 
     def __init__(self, run: Run) -> None:

@@ -3,7 +3,7 @@
 The driver owns setup, the step count, logging, signals, checkpoints, evaluation and the summary; a topology owns
 what a step is. For every topology the driver calls, on every rank of the job:
 
-  Kind.servers(cfg)             ranks set apart as servers (split by mpi/roles.py); None: one process, no MPI
+  Kind.n_servers(cfg)           ranks set apart as servers (split by mpi/roles.py); None: one process, no MPI
   Kind.check(cfg)               reject settings this topology cannot run (from Config.validate)
   topo = Kind(run)              collective: windows, communicators, restored optimizer state
   topo.serve()                  server ranks only: serve until every worker is done
@@ -98,7 +98,7 @@ class Topology:
     final_checkpoint = False  # write one more checkpoint after finish() (state settles only then)
 
     @classmethod
-    def servers(cls, cfg) -> int | None:
+    def n_servers(cls, cfg) -> int | None:
         return 0
 
     @classmethod

@@ -20,7 +20,7 @@ class Downpour(SGD):
     final_checkpoint = True  # the servers' state settles only when every worker is done
 
     @classmethod
-    def servers(cls, cfg) -> int | None:
+    def n_servers(cls, cfg) -> int | None:
         return cfg.servers
 
     @classmethod

@@ -62,7 +62,7 @@ class Local(SGD):
     per_rank_rng = False  # a checkpoint keeps one RNG state (True: every rank's, gathered)
 
     @classmethod
-    def servers(cls, cfg) -> int | None:
+    def n_servers(cls, cfg) -> int | None:
         return None
 
     def __init__(self, run: Run) -> None:
