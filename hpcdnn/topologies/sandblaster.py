@@ -60,6 +60,11 @@ class Sandblaster(Topology):
         self.base = dict.fromkeys(COUNTERS, 0)  # counts of earlier processes of this run (resume)
         self.portion_base = np.zeros(len(PortionStats().as_array()), np.int64)
         self.ls_evals = self.ls_failures = 0
+        if saved and "inner" in saved.state:  # written before positions counted steps in the epoch
+            raise ValueError(
+                f"{run.run_dir}: this Sandblaster checkpoint was written by an older hpcdnn (it keeps batch and inner step apart) "
+                "and cannot be resumed by this one; start a new --run_dir"
+            )
         if saved:
             st = saved.state
             self.x[:] = saved.params

@@ -191,6 +191,23 @@ def test_signal_checkpoints_and_resume_equals_uninterrupted(driver, tiny, tmp_pa
     np.testing.assert_allclose(ck.load(run / ck.LATEST).params, ck.load(runs / "a" / ck.LATEST).params, rtol=1e-5, atol=1e-6)
 
 
+def test_checkpoint_of_an_older_version_is_refused(driver, tiny, tmp_path):
+    """A checkpoint that keeps batch and inner step apart (the format before positions counted steps in the epoch)
+    is refused with the fix named, on every rank, instead of resuming at the wrong place; the file is left alone."""
+    runs, _ = driver
+    saved = ck.load(runs / "a" / ck.LATEST)
+    saved.state["inner"] = 0
+    run = tmp_path / "old"
+    run.mkdir()
+    ck.save(run / ck.LATEST, saved)
+    before = (run / ck.LATEST).read_bytes()
+    args = ["--config", "fashion_sandblaster", f"--data={tiny}", f"--run_dir={run}", *DRIVER_ARGS, "--resume"]
+    r = subprocess.run([*mpirun(3), sys.executable, "-m", "mpi4py", "-m", "hpcdnn", "train", *args], capture_output=True, text=True,
+                       timeout=120, cwd=REPO)  # fmt: skip
+    assert r.returncode != 0 and "written by an older hpcdnn" in r.stderr and "new --run_dir" in r.stderr, r.stderr[-2000:]
+    assert (run / ck.LATEST).read_bytes() == before
+
+
 @pytest.mark.parametrize("kind", ["nan", "inf"])
 def test_a_non_finite_gradient_does_not_poison_the_history(tmp_path, kind):
     """One non-finite g_new handed to propose: its pair is rejected, and L-BFGS goes on with the pairs it had (it
