@@ -111,7 +111,7 @@ def decode_threads(args: argparse.Namespace, comm) -> int:
     """--threads, else the placement rule: this node's CPUs divided among its ranks (collective over `comm`)."""
     if args.threads:
         return args.threads
-    from hpcdnn.placement import default_threads, threads_per_rank  # imported here: it imports torch, finalize/verify do not need it
+    from hpcdnn.placement import default_threads, threads_per_rank  # imported here: it loads Numba, finalize/verify do not need it
 
     return threads_per_rank(comm) if comm else default_threads()
 

@@ -41,7 +41,7 @@ def flavour(exe: str | None = None) -> str:
 
 def host_cores() -> int:
     """Physical cores among the CPUs this process may run on: Open MPI's slots on this host (one rank per core, so
-    4 hardware threads on 2 cores are 2 slots). Not hpcdnn.placement.usable_cpus, one rank's budget, which imports torch.
+    4 hardware threads on 2 cores are 2 slots). Not hpcdnn.placement.usable_cpus: that is one rank's thread budget.
     """
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     cores = set()

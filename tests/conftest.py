@@ -100,6 +100,15 @@ def fashion_tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def idx_data(tmp_path_factory):
+    """150 train / 30 test 28x28x1 images in shards of 40 (a batch spans shards; uneven last shard). Read-only."""
+    root = tmp_path_factory.mktemp("idx")
+    make_idx_dataset(root / "in", n_train=150, n_test=30, seed=3)
+    assert prep("idx", "--dir", root / "in", "--out", root / "out", "--shard-size", "40") == 0
+    return root / "out"
+
+
+@pytest.fixture(scope="session")
 def imagenet2012(tmp_path_factory):
     """A fake ILSVRC-2012 tree with devkit (real JPEGs), shared read-only by the tests."""
     from fakes import make_imagenet_2012

@@ -4,20 +4,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import prep
-from fakes import make_folder_tree, make_idx_dataset
+from fakes import make_folder_tree
 
 from hpcdnn.data.loader import ShardLoader
 from hpcdnn.data.schema import ShardReader, load_manifest
 from hpcdnn.kernels.augment import augment_reference, center_offsets
-
-
-@pytest.fixture(scope="module")
-def idx_data(tmp_path_factory):
-    """150 train / 30 test 28x28x1 images in shards of 40 (uneven last shard)."""
-    root = tmp_path_factory.mktemp("idx")
-    make_idx_dataset(root / "in", n_train=150, n_test=30, seed=3)
-    assert prep("idx", "--dir", root / "in", "--out", root / "out", "--shard-size", "40") == 0
-    return root / "out"
 
 
 @pytest.fixture(scope="module", params=["raw", "jpeg"])

@@ -7,22 +7,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import prep
-from fakes import make_folder_tree, make_idx_dataset
+from fakes import make_folder_tree
 
 from hpcdnn.data.loader import ShardLoader
 from hpcdnn.models.flat import FlatParams
 from hpcdnn.topologies.sandblaster_data import ModelPortions, PortionData
 
 ARGS = dict(seed=7, crop=24, pad=2, flip=True, pca_std=0.5)  # every augmentation on: crops, flips, lighting
-
-
-@pytest.fixture(scope="module")
-def idx_data(tmp_path_factory):
-    """150 train 28x28x1 images in shards of 40 (a batch spans shards)."""
-    root = tmp_path_factory.mktemp("idx")
-    make_idx_dataset(root / "in", n_train=150, n_test=30, seed=3)
-    assert prep("idx", "--dir", root / "in", "--out", root / "out", "--shard-size", "40") == 0
-    return root / "out"
 
 
 @pytest.fixture(scope="module")
