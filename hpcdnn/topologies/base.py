@@ -28,7 +28,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from hpcdnn import checkpoint as ck
@@ -52,7 +51,6 @@ class Run:
     manifest: dict
     sched: Schedule
     saved: ck.Checkpoint | None = None
-    extras: dict = field(default_factory=dict)
 
     @property
     def is_root(self) -> bool:
@@ -160,7 +158,3 @@ def restore_rng(saved, rank: int, per_rank: bool) -> None:
     """Put back this rank's RNG state from a checkpoint (per_rank: the w<rank>_ keys of a gathered checkpoint)."""
     prefix = f"w{rank}_" if per_rank and rank else ""
     ck.restore_rng({k[len(prefix) :]: v for k, v in saved.rng.items() if k.startswith(prefix)})
-
-
-def as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()
