@@ -116,6 +116,22 @@ def imagenet2012(tmp_path_factory):
     return make_imagenet_2012(tmp_path_factory.mktemp("ilsvrc2012"), n_train_per_class=10, n_val=9)
 
 
+@pytest.fixture(scope="session")
+def vcluster():
+    """A 4-node virtual cluster (tests/cluster/vcluster.py) for the session, removed at its end even when tests fail.
+    Skipped with the reason where it cannot exist (not root, no iproute2); under CI it must."""
+    sys.path.insert(0, str(Path(__file__).parent / "cluster"))
+    from vcluster import VirtualCluster, available
+
+    reason = available()
+    if reason:
+        if os.environ.get("CI"):
+            raise RuntimeError(f"CI must run the cross-node tests: {reason}")
+        pytest.skip(reason)
+    with VirtualCluster(nodes=4) as vc:
+        yield vc
+
+
 @pytest.fixture
 def read_events():
     """tag -> [(step, value)] of a run directory's TensorBoard events, read with tensorboard's own EventAccumulator."""
