@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 FASHION := /usr/share/datasets/fashion-mnist
 DATA ?= data
 
-.PHONY: install demo test test-mpi test-slurm lint format bench bench-prep fashion-mnist clean
+.PHONY: install demo test test-mpi test-cluster test-slurm lint format bench bench-prep fashion-mnist clean
 
 install: $(BIN)/.installed
 
@@ -41,6 +41,12 @@ test: install
 
 test-mpi: install
 	$(BIN)/python -m pytest -q -m mpi
+
+# Across the virtual cluster's nodes only (needs root): tests/cluster brings up network namespaces on a bridge
+# (tests/cluster/vcluster.sh), runs ranks on separate "nodes" over TCP, kills nodes and slows links, tears it down.
+# `make test` runs these too (as root); this target is for working on them, on either MPI.
+test-cluster: install
+	$(BIN)/python -m pytest -q -m cluster tests/cluster
 
 # Real Slurm (needs root): tests/slurm brings up a one-host Slurm with ../shared/ci/slurm-up.sh (installing it when
 # missing), submits the slurm/*.sbatch scripts with tiny configs, and stops it again (HPCDNN_SLURM_KEEP=1 keeps it up).
