@@ -104,8 +104,10 @@ class VirtualCluster:
         counts: dict[str, int] = {}
         for h in hosts:
             counts[h] = counts.get(h, 0) + 1
-        if list(counts) != list(dict.fromkeys(hosts)) or sum(counts.values()) != len(hosts) or any(
-            hosts[i] != hosts[i + 1] and hosts[i + 1] in hosts[:i] for i in range(len(hosts) - 1)
+        if (
+            list(counts) != list(dict.fromkeys(hosts))
+            or sum(counts.values()) != len(hosts)
+            or any(hosts[i] != hosts[i + 1] and hosts[i + 1] in hosts[:i] for i in range(len(hosts) - 1))
         ):
             raise ValueError(f"ranks of one node must be consecutive: {hosts}")
         spec = ",".join(f"{h}:{c}" for h, c in counts.items())
