@@ -53,6 +53,13 @@ test-cluster: install
 test-slurm: install
 	$(BIN)/python -m pytest -q -m slurm --timeout=900 tests/slurm
 
+# Real Slurm across the virtual cluster's nodes (needs root; ~2 min): tests/cluster/slurm-up.sh runs one slurmd in each
+# node's namespace; the sbatch scripts' ranks land on different nodes. Not together with test-slurm: an idle one-host
+# Slurm is stopped for the duration and started again.
+.PHONY: test-slurm-nodes
+test-slurm-nodes: install
+	$(BIN)/python -m pytest -q -m slurm --timeout=900 tests/cluster/test_slurm_nodes.py
+
 lint: install
 	$(BIN)/ruff check hpcdnn data_prep tests bench
 	$(BIN)/ruff format --check hpcdnn data_prep tests bench

@@ -116,9 +116,10 @@ def imagenet2012(tmp_path_factory):
     return make_imagenet_2012(tmp_path_factory.mktemp("ilsvrc2012"), n_train_per_class=10, n_val=9)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vcluster():
-    """A 4-node virtual cluster (tests/cluster/vcluster.py) for the session, removed at its end even when tests fail.
+    """A 4-node virtual cluster (tests/cluster/vcluster.py) for one test module, removed at its end even when tests
+    fail (up and down take a fraction of a second; the rest of the suite runs without its bridge in the way).
     Skipped with the reason where it cannot exist (not root, no iproute2); under CI it must."""
     sys.path.insert(0, str(Path(__file__).parent / "cluster"))
     from vcluster import VirtualCluster, available

@@ -1,0 +1,265 @@
+"""The sbatch scripts on a real multi-node Slurm: one slurmd in each node of a virtual cluster (tests/cluster/slurm-up.sh),
+so every job below has its ranks on different nodes, which talk over the nodes' links (TCP), not shared memory.
+
+Run with `make test-slurm-nodes` (pytest -m slurm tests/cluster/test_slurm_nodes.py; root), not in the same session as
+`make test-slurm`: when the one-host Slurm (../shared/ci/slurm-up.sh) is up and idle, the fixture stops it and starts
+it again afterwards; when it runs jobs, these tests skip. Each rank's interpreter is a wrapper that first prints
+"hpcdnn-rank R host NODE role ROLE parent P" (P: the process that started it, slurmstepd under srun, prted under
+mpirun), so a job's output says where every rank ran and how it was launched. Jobs are tiny (alexnet_small, 600
+generated 28x28 images, a few steps, one thread per rank).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from vcluster import VirtualCluster, available
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "slurm"))
+from slurmjobs import CI_DIR, REPO, SLURM_DIR, Slurm  # noqa: E402
+
+pytestmark = pytest.mark.slurm
+NAME, SUBNET = "sn", "10.81.0"  # not hv: the `vcluster` fixture's cluster may be up at the same time
+ARGS = ["--batch_size=16", "--lr_schedule=constant", "--lr=0.01", "--log_every=5", "--epochs=100"]
+ONE_HOST = Path(os.environ.get("SLURM_STATE_DIR", "/tmp/hpcdnn-slurm"))  # the one-host Slurm's state (slurmjobs.cluster)
+WRAPPER = """#!/bin/sh
+echo "hpcdnn-rank ${PMIX_RANK:-${OMPI_COMM_WORLD_RANK:-${SLURM_PROCID:-0}}} host $(hostname) role ${HPCDNN_ROLE:--} \\
+parent $(cat /proc/$PPID/comm)" >&2
+exec %s "$@"
+"""
+
+
+def _digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def _alive(pidfile: Path) -> bool:
+    try:
+        os.kill(int(pidfile.read_text()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _pause_one_host() -> bool:
+    """Stop the one-host Slurm if it is up and idle (True: it was up); skip if it runs jobs, those are someone's."""
+    if not _alive(ONE_HOST / "slurmctld.pid"):
+        return False
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}  # its clients read /etc/slurm/slurm.conf
+    jobs = subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True, timeout=30, env=env).stdout.split()
+    if jobs:
+        pytest.skip(f"the one-host Slurm ({ONE_HOST}) is running jobs {jobs}: run these tests when it is idle or down")
+    subprocess.run(["bash", str(CI_DIR / "slurm-down.sh")], capture_output=True, timeout=180, env=env, check=True)
+    return True
+
+
+def _resume_one_host() -> None:
+    """Start the one-host Slurm again, as slurmjobs.cluster starts it."""
+    env = {**{k: v for k, v in os.environ.items() if k != "SLURM_CONF"}, "SLURM_NODES": "2", "SLURM_CPUS": "4"}
+    subprocess.run(["bash", str(CI_DIR / "slurm-up.sh")], capture_output=True, timeout=600, env=env, check=True)
+
+
+@pytest.fixture(scope="module")
+def nodes_slurm(request):
+    """A 4-node virtual cluster with Slurm on it (slurmctld at SUBNET.1, a slurmd per node), SLURM_CONF pointing at its
+    config; everything stopped and removed afterwards, /etc/slurm/slurm.conf as it was."""
+    if "slurm" not in (request.config.getoption("-m") or ""):
+        pytest.skip("multi-node Slurm tests run with `make test-slurm-nodes` (pytest -m slurm tests/cluster/test_slurm_nodes.py)")
+    reason = available()
+    if reason:
+        pytest.skip(reason)
+    etc_conf = _digest(Path("/etc/slurm/slurm.conf"))
+    paused = _pause_one_host()
+    vc = VirtualCluster(nodes=4, name=NAME, subnet=SUBNET)
+    state = Path(f"/tmp/hpcdnn-slurm-{NAME}")
+    env = {**vc.env, "VCLUSTER_SLURM_DIR": str(state)}
+    try:
+        vc.up()
+        r = subprocess.run(["bash", str(HERE / "slurm-up.sh")], capture_output=True, text=True, timeout=600, env=env)
+        if r.returncode != 0:
+            pytest.fail(f"slurm-up.sh exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("SLURM_CONF", str(state / "slurm.conf"))
+            yield vc
+    finally:
+        subprocess.run(["bash", str(HERE / "slurm-down.sh")], capture_output=True, timeout=180, env=env)
+        vc.down()
+        if paused:
+            _resume_one_host()
+    assert not state.exists(), f"slurm-down.sh left {state}"
+    assert _digest(Path("/etc/slurm/slurm.conf")) == etc_conf, "/etc/slurm/slurm.conf changed"
+
+
+@pytest.fixture
+def slurm(nodes_slurm, tmp_path):
+    wrapper = tmp_path / "python-says-where"
+    wrapper.write_text(WRAPPER % sys.executable)
+    wrapper.chmod(0o755)
+    s = Slurm(tmp_path)
+    s.env["PYTHON"] = str(wrapper)
+    yield s
+    s.cancel_all()
+
+
+@pytest.fixture(scope="module")
+def idx_input(tmp_path_factory):
+    """MNIST-style IDX files (600 train, 100 test, 28x28, 10 classes), made by tests/fakes.py."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from fakes import make_idx_dataset
+
+    d = tmp_path_factory.mktemp("idx")
+    make_idx_dataset(d, n_train=600, n_test=100, seed=1)
+    return d
+
+
+@pytest.fixture(scope="module")
+def dataset(idx_input, tmp_path_factory):
+    """The IDX input sharded by a serial in-process data-prep run: the jobs' data and the array's reference bytes."""
+    from data_prep.cli import main
+
+    out = tmp_path_factory.mktemp("data") / "idx"
+    assert main(["idx", "--dir", str(idx_input), "--out", str(out), "--shard-size", "50"]) == 0
+    return out
+
+
+def ranks(out: str) -> dict[int, tuple[str, str, str]]:
+    """{rank: (node, role, parent process)} from the wrapper's lines in a job's output."""
+    return {int(r): (h, role, p) for r, h, role, p in re.findall(r"hpcdnn-rank (\d+) host (\S+) role (\S+) parent (\S+)", out)}
+
+
+def hostnames(nodelist: str) -> set[str]:
+    return set(subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30).stdout.split())
+
+
+def finished(slurm: Slurm, jid: str, timeout: float = 300) -> str:
+    """Wait for the job; assert COMPLETED with exit 0; return its output."""
+    info = slurm.wait(jid, timeout)
+    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", f"{info}\n{slurm.out(jid)}"
+    return (slurm.tmp / f"slurm-{jid}.out").read_text()
+
+
+def train_env(dataset, run_dir, **more) -> dict:
+    return {"CONFIG": "fashion_small", "DATA": str(dataset), "RUN_DIR": str(run_dir), **more}
+
+
+def summary(run_dir) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_prep_array_tasks_and_ranks_on_separate_nodes(slurm, idx_input, dataset):
+    """slurm/submit_prep.sh: 2 array tasks of 2 MPI ranks each, whole nodes (--exclusive), so the 4 ranks sit on the 4
+    nodes; then the afterok finalize job. The shards are the serial run's bytes."""
+    out = slurm.tmp / "array"
+    cmd = [str(SLURM_DIR / "submit_prep.sh"), "--array=0-1", "--nodes=2", "--ntasks=2", "--cpus-per-task=1", "--exclusive",
+           f"--output={slurm.tmp}/slurm-%A_%a.out", "--", "idx", "--dir", str(idx_input), "--out", str(out), "--shard-size", "50"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=slurm.tmp,
+                       env={**slurm.env, "FINALIZE_ARGS": f"--output={slurm.tmp}/slurm-%j.out"})  # fmt: skip
+    assert r.returncode == 0 and len(r.stdout.split()) == 2, r.stderr
+    array, final = r.stdout.split()
+    slurm.jobs += [array, final]
+    log = finished(slurm, final)
+    assert "every shard matches the manifest" in log, log
+    hosts = []
+    for task in range(2):
+        text = (slurm.tmp / f"slurm-{array}_{task}.out").read_text()
+        assert f"task {task} of 2 done" in text and "with 2 rank(s)" in text, text
+        where = ranks(text)
+        assert sorted(where) == [0, 1] and {p for _, _, p in where.values()} == {"slurmstepd"}, text  # srun --mpi=pmix
+        hosts += [h for h, _, _ in where.values()]
+    assert sorted(hosts) == [f"{NAME}{i}" for i in range(1, 5)], hosts  # 4 ranks, 4 nodes
+    names = sorted(p.name for p in dataset.glob("*.h5")) + ["manifest.json", "mean.npy"]
+    assert {n: (out / n).read_bytes() for n in names} == {n: (dataset / n).read_bytes() for n in names}
+
+
+def test_downpour_server_on_its_own_node(slurm, dataset, nodes_slurm, tmp_path):
+    """`sbatch -N 3 slurm/train_downpour.sbatch`: 1 server + 2 workers, one per node, under srun --mpi=pmix; the
+    parameters cross the links (each worker's link carries at least a fetch and a push of all 771,210 floats)."""
+    run = tmp_path / "run"
+    before = nodes_slurm.wire_bytes()
+    jid = slurm.sbatch("train_downpour.sbatch", *ARGS, "--max_steps=6", "--n_fetch=3", "--n_push=3",
+                       opts=("--nodes=3", "--cpus-per-task=1"), env=train_env(dataset, run))  # fmt: skip
+    out = finished(slurm, jid)
+    wire = nodes_slurm.wire_bytes(since=before)
+    assert "srun --mpi=pmix" in out and "downpour: 2 worker(s), 1 server(s)" in out, out
+    where = ranks(out)
+    assert sorted(where) == [0, 1, 2] and len({h for h, _, _ in where.values()}) == 3, out
+    assert {p for _, _, p in where.values()} == {"slurmstepd"}, out
+    server = where[0][0]  # ranks 0..SERVERS-1 serve
+    assert server not in {where[1][0], where[2][0]}
+    params_bytes = 771_210 * 4
+    for rank in (1, 2):
+        assert sum(wire[where[rank][0]]) >= 2 * params_bytes, (where, wire)
+    assert sum(wire[server]) >= 4 * params_bytes, (where, wire)
+    s = summary(run)
+    assert s["topology"] == "downpour" and s["steps"] == 6
+
+
+def test_allreduce_across_nodes_equals_one_host(slurm, dataset, nodes_slurm, tmp_path):
+    """train_allreduce.sbatch, 3 ranks on 3 nodes under srun --mpi=pmix, against the same run on this one host under
+    mpirun (outside Slurm, meanwhile): the final parameters are bitwise equal."""
+    from hpcdnn.mpirun import mpirun
+
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    args = [*ARGS, "--max_steps=8"]
+    before = nodes_slurm.wire_bytes()
+    jid = slurm.sbatch("train_allreduce.sbatch", *args, opts=("--nodes=3", "--ntasks=3", "--cpus-per-task=1"),
+                       env=train_env(dataset, run))  # fmt: skip
+    cmd = [*mpirun(3), sys.executable, "-m", "mpi4py", "-m", "hpcdnn", "train", "--config", "fashion_small",
+           f"--data={dataset}", f"--run_dir={ref}", "--threads=1", "--topology=allreduce", *args]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = finished(slurm, jid)
+    wire = nodes_slurm.wire_bytes(since=before)
+    assert "srun --mpi=pmix" in out and "allreduce: 3 worker(s)" in out, out
+    where = ranks(out)
+    assert sorted(where) == [0, 1, 2] and len({h for h, _, _ in where.values()}) == 3, out
+    assert all(sum(wire[h]) >= 8 * 771_210 * 4 for h, _, _ in where.values()), (where, wire)  # a gradient per step
+    with h5py.File(run / "checkpoint.h5", "r") as f, h5py.File(ref / "checkpoint.h5", "r") as g:
+        got, want = f["params"][...], g["params"][...]
+        assert int(f.attrs["step"]) == int(g.attrs["step"]) == 8
+    assert np.isfinite(want).all() and np.array_equal(got, want), f"max diff {np.abs(got - want).max()}"
+
+
+def test_sandblaster_across_nodes(slurm, dataset, tmp_path):
+    """train_sandblaster.sbatch (its preset, fashion_sandblaster): 3 ranks on 3 nodes, a few L-BFGS steps."""
+    run = tmp_path / "run"
+    jid = slurm.sbatch("train_sandblaster.sbatch", "--batch_size=256", "--max_steps=4", "--log_every=2",
+                       opts=("--nodes=3", "--ntasks=3", "--cpus-per-task=1"), env={"DATA": str(dataset), "RUN_DIR": str(run)})  # fmt: skip
+    out = finished(slurm, jid)
+    assert "--config fashion_sandblaster" in out and "srun --mpi=pmix" in out and "sandblaster: 3 worker(s)" in out, out
+    where = ranks(out)
+    assert sorted(where) == [0, 1, 2] and len({h for h, _, _ in where.values()}) == 3, out
+    s = summary(run)
+    assert s["topology"] == "sandblaster" and s["steps"] == 4
+
+
+@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+def test_hetjob_components_on_their_own_nodes(slurm, dataset, tmp_path, launcher):
+    """train_downpour_hetjob.sbatch: component 0 (1 server) on one node, component 1 (2 workers, --nodes=2) on two
+    others; one heterogeneous srun step (no HET_PMIX_TMPDIR: TmpFS is per node), or mpirun through het-agent.sh."""
+    run = tmp_path / "run"
+    opts = ("--ntasks=1", "--cpus-per-task=1", ":", "--nodes=2", "--ntasks=2", "--cpus-per-task=1", "--gpus-per-task=0")
+    jid = slurm.sbatch("train_downpour_hetjob.sbatch", *ARGS, "--max_steps=3", "--n_fetch=3", "--n_push=3", opts=opts,
+                       env=train_env(dataset, run, LAUNCHER=launcher))  # fmt: skip
+    out = finished(slurm, jid)
+    assert "downpour: 2 worker(s), 1 server(s)" in out, out
+    assert ("srun --het-group=0" if launcher == "srun" else "het-agent.sh") in out, out
+    where = ranks(out)
+    assert [where[r][1] for r in (0, 1, 2)] == ["server", "worker", "worker"], out
+    assert len({h for h, _, _ in where.values()}) == 3, out
+    parents = {"slurmstepd"} if launcher == "srun" else {"prterun", "prted"}  # mpirun's node: prterun starts its rank
+    assert {p for _, _, p in where.values()} <= parents, out
+    record = subprocess.run(["scontrol", "show", "job", jid], capture_output=True, text=True, timeout=30).stdout
+    components = [hostnames(c) for c in re.findall(r"\bNodeList=(\S+)", record)]
+    assert components == [{where[0][0]}, {where[1][0], where[2][0]}], (components, where)
+    assert summary(run)["steps"] == 3
