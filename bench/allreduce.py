@@ -114,7 +114,7 @@ def build_variants(args: argparse.Namespace, comm, x, y) -> Variants:
             opt.step(lr)
 
         v.steps[mode], v.reducers[mode], v.flats[mode] = ours, ar, flat
-    ddp = torch.nn.parallel.DistributedDataParallel(fresh(), bucket_cap_mb=args.bucket_mb)
+    ddp = torch.nn.parallel.DistributedDataParallel(fresh(), bucket_cap_mb=args.ddp_bucket_mb)
     ddp_opt = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
 
     def torch_ddp() -> None:
@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64, help="images per rank per step")
     ap.add_argument("--steps", type=int, default=5, help="steps per timing")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved timings per variant; the median is kept")
-    ap.add_argument("--bucket-mb", type=float, default=25.0, help="bucket size in MiB, ours and DDP's")
+    ap.add_argument("--bucket-mb", type=float, default=1.0, help="our bucket size in MiB (Config's default)")
+    ap.add_argument("--ddp-bucket-mb", type=float, default=25.0, help="DDP's bucket size in MiB (its default)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds before the mpirun is killed")
     args = ap.parse_args(argv)
     if os.environ.get(CHILD):

@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 import torch
 
+from hpcdnn import trace
 from hpcdnn.atomic import atomic_path, remove_stale_tmp
 
 LATEST = "checkpoint.h5"
@@ -55,6 +56,7 @@ def restore_rng(rng: dict[str, np.ndarray]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+@trace.traced("checkpoint write", "driver", "driver")
 def save(path: str | Path, ckpt: Checkpoint) -> None:
     """Atomically write `ckpt` to `path`."""
     path = Path(path)

@@ -4,6 +4,8 @@
   mpirun -n N python -m mpi4py -m hpcdnn train --topology=downpour|allreduce|sandblaster [...]
   hpcdnn eval  --run-dir RUN [--ten-crop] [--data DIR]
   hpcdnn plot  RUN [RUN ...] -o out.png
+  hpcdnn plot  --trace TRACE.json -o timeline.png [--window START,END]     (a run's --trace=TRACE.json)
+  hpcdnn launch [--heartbeat_timeout=S] -- mpirun ... hpcdnn train ... --run_dir R   (ends the job when a rank is lost)
 Presets live in hpcdnn/configs/ (fashion_small, imagenet_alexnet); every Config field is a --key=value override
 (`hpcdnn train --help` lists them). Flags take dashes or underscores alike: --run-dir or --run_dir.
 """
@@ -17,7 +19,7 @@ import os
 import signal
 import sys
 
-from hpcdnn import tensorboard
+from hpcdnn import heartbeat, tensorboard
 from hpcdnn.config import describe_fields, load_config
 
 
@@ -53,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ten-crop", "--ten_crop", action="store_true")
     e.add_argument("--data", help="evaluate on another data-prep directory")
     e.add_argument("--split", help="split to evaluate (default: the run's validation split)")
-    p = sub.add_parser("plot", help="loss and accuracy curves of one or more runs")
-    p.add_argument("runs", nargs="+")
+    sub.add_parser("launch", help="run a launcher command, watch every rank's heartbeat, end the job when one is lost (launch --help)")
+    p = sub.add_parser("plot", help="loss and accuracy curves of one or more runs, or the timeline of a --trace file")
+    p.add_argument("runs", nargs="*")
+    p.add_argument("--trace", help="draw this trace file (hpcdnn train --trace=PATH) instead: one row per rank and track")
+    p.add_argument("--window", help="with --trace: START,END in seconds since the trace's zero")
     p.add_argument("-o", "--out", default="runs.png")
     return parser
 
@@ -62,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     process = argv is None  # the command line (not a call from Python): the handlers may stay until exit
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:  # everything after it is the launcher's command line
+        from hpcdnn.launch import main as launch
+
+        return launch(argv[1:])
     if argv[:1] == ["train"]:
         from hpcdnn import stop
 
@@ -96,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"this is a one-rank MPI job but Slurm started {tasks} tasks: the launcher did not wire them into one "
                         "job (Open MPI under srun needs --mpi=pmix; see `srun --mpi=list`), or use mpirun inside the allocation"
                     )
-            train(cfg, resume=args.resume, comm=comm)
+            with heartbeat.watched(cfg.run_dir, comm) as beat:  # hpcdnn launch's watcher, if one runs
+                beat.end(train(cfg, resume=args.resume, comm=comm))
         elif rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         elif args.command == "eval":
@@ -104,9 +114,20 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(evaluate_run(args.run_dir, ten_crop=args.ten_crop, data=args.data, split=args.split), indent=1))
         elif args.command == "plot":
-            from hpcdnn.plot import plot_runs
+            from hpcdnn import plot
 
-            print(f"hpcdnn: wrote {plot_runs(args.runs, args.out)}")
+            if bool(args.trace) == bool(args.runs):
+                parser.error("plot takes run directories (loss curves) or --trace TRACE.json (a timeline): give exactly one of them")
+            window = None
+            if args.window:
+                try:
+                    window = tuple(float(v) for v in args.window.split(","))
+                except ValueError:
+                    window = ()
+                if len(window) != 2 or window[0] >= window[1]:
+                    raise ValueError(f"--window={args.window!r}: expected START,END in seconds with START < END, e.g. --window=2,3.5")
+            out = plot.plot_trace(args.trace, args.out, window) if args.trace else plot.plot_runs(args.runs, args.out)
+            print(f"hpcdnn: wrote {out}")
         return 0
     except (ValueError, FileNotFoundError, tensorboard.MissingTensorBoard) as err:
         where = f" (rank {comm.Get_rank()})" if comm is not None and comm.Get_size() > 1 else ""

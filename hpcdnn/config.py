@@ -53,6 +53,7 @@ class Config:
     eval_ten_crop: bool = False  # final evaluation also with AlexNet's 10-crop (slower)
     tensorboard: bool = False  # also write metrics and summary as TensorBoard scalars in run_dir/tensorboard (needs hpcdnn[tensorboard])
     max_steps: int = 0  # stop after this many steps in total (0 = no limit; for tests and smoke runs)
+    trace: str = ""  # write a Chrome-trace/Perfetto timeline of every rank to this JSON path (hpcdnn/trace.py); empty = off
     # distributed runs: mpirun -n N python -m mpi4py -m hpcdnn train --topology=...
     servers: int = 1  # downpour: parameter-server ranks, each owning one shard of the flat parameter vector
     placement: str = "first"  # which ranks serve: first (ranks 0..servers-1) | last | env (HPCDNN_ROLE=server|worker per rank)
@@ -62,7 +63,7 @@ class Config:
     max_staleness: int = 0  # downpour: pushes older than this many server updates are dropped or scaled (0 = unbounded)
     staleness_policy: str = "drop"  # downpour, with max_staleness: drop the push | scale it by 1/staleness
     atomic_fetch: bool = True  # downpour: fetch with MPI_Get_accumulate(NO_OP) (atomic per element, as MPI requires) or plain Get
-    bucket_mb: float = 25.0  # allreduce: gradient bucket size in MiB (DDP's default)
+    bucket_mb: float = 1.0  # allreduce: gradient bucket size in MiB; small buckets let the ring start during backward (README)
     # sandblaster (L-BFGS; batch_size is the global batch, cut into portions that the ranks claim)
     sb_history: int = 10  # L-BFGS memory m: (s, y) pairs kept, each vector sharded across the ranks
     sb_portions: int = 0  # portions per batch; 0 = auto: max(4 x ranks, batch_size / 256)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from hpcdnn import checkpoint as ck
+from hpcdnn import heartbeat, trace
 from hpcdnn import stop as stopsig
 from hpcdnn.atomic import write_bytes
 from hpcdnn.config import Config, apply, resolve
@@ -41,7 +42,7 @@ from hpcdnn.topologies.base import Run
 
 # keys a resumed run may change: they do not change the trajectory (topologies add their own: `resumable`)
 RESUMABLE = {"epochs", "max_steps", "log_every", "checkpoint_every", "eval_ten_crop", "device", "threads", "run_dir", "placement",
-             "tensorboard"}  # fmt: skip
+             "tensorboard", "trace"}  # fmt: skip
 
 
 @dataclass
@@ -63,10 +64,13 @@ def train(cfg: Config, resume: bool = False, comm=None) -> dict:
     kind = topology(cfg.topology)
     stop = stopsig.install()  # from here on SIGUSR1/SIGTERM only set a flag, on every rank (servers too)
     run, val_split = setup(cfg, resume, comm, kind)
+    heartbeat.note(role="server" if run.is_server else "worker")  # for `hpcdnn launch`'s watcher (no-op without one)
+    trace.start(cfg.trace, run.roles.comm if run.roles else None, "server" if run.is_server else "worker", run.is_root)  # collective
     topo = kind(run)  # collective: windows, communicators, restored state
     if run.is_server:  # Downpour's servers serve until every worker is done
         topo.serve()
         topo.close()
+        trace.finish()  # collective: rank 0 writes cfg.trace
         run.roles.free()
         stop.close()
         return {}
@@ -101,6 +105,7 @@ def train(cfg: Config, resume: bool = False, comm=None) -> dict:
     if val_data is not None:
         val_data.close()
     topo.close()
+    trace.finish()
     if run.roles:
         run.roles.free()
     return summary
@@ -150,6 +155,7 @@ def loop(run: Run, topo, at: Position, total: int, log: MetricsLog, val_data, st
             window_images += result.images
             window_loss.append(result.loss)
             bar.update(loss=f"{result.loss:.3f}", **result.bar)
+            heartbeat.note(step=at.step)
             if at.step % cfg.log_every == 0 or at.step == total:
                 log.log(step=at.step, epoch=round(at.epoch + at.pos / n, 4), time=round(at.elapsed, 3), loss=float(np.mean(window_loss)),
                         images_per_s=round(window_images / max(now - window_t, 1e-9), 1), **result.log,
@@ -175,6 +181,7 @@ def loop(run: Run, topo, at: Position, total: int, log: MetricsLog, val_data, st
     return stopped
 
 
+@trace.traced("evaluate", "driver", "driver")
 def end_epoch(run: Run, topo, at: Position, log: MetricsLog, val_data) -> None:
     if run.is_root:
         topo.refresh()
@@ -190,6 +197,7 @@ def end_epoch(run: Run, topo, at: Position, log: MetricsLog, val_data) -> None:
         print(f"hpcdnn: epoch {at.epoch}: val top-1 {v['top1']:.4f}, top-5 {v['top5']:.4f} ({at.elapsed:.0f} s training)", flush=True)
 
 
+@trace.traced("checkpoint", "driver", "driver")
 def save_checkpoint(run: Run, topo, at: Position) -> None:
     """Collective where the topology's state is spread over ranks; the root writes."""
     got = topo.state()
@@ -200,6 +208,7 @@ def save_checkpoint(run: Run, topo, at: Position) -> None:
     ck.save(run.run_dir / ck.LATEST, ck.Checkpoint(params, optim, at.step, at.epoch, at.pos, run.cfg.to_toml(), state, rng))
 
 
+@trace.traced("final evaluation", "driver", "driver")
 def final_summary(run: Run, topo, at: Position, log: MetricsLog, val_data, val_split: str) -> dict:
     """The root's final evaluation (centre crop, optionally 10-crop) and summary.json, shared as the topology shares."""
     extra = topo.summary()  # collective (Sandblaster sums its portion counts)

@@ -71,6 +71,7 @@ def test_train_help_lists_every_key_with_default_and_comment(capsys):
         assert line, f"Config.{f.name} has no comment on its line in hpcdnn/config.py: add one (`{f.name}: ... = ...  # what and why`)"
         default = getattr(Config(), f.name)
         shown = ("true" if default else "false") if isinstance(default, bool) else default if isinstance(default, str) else repr(default)
+        shown = shown or '""'  # an empty string default, as describe_fields spells it (--trace)
         row = re.search(rf"^  --{f.name}=(\S+) +(\w+) +(.+)$", text, re.M)
         assert row, f"--{f.name} missing from hpcdnn train --help"
         assert row.groups() == (shown, f.type, line.group(1).strip())

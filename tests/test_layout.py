@@ -27,7 +27,10 @@ RULES = {  # layer -> what no module of it may import directly (a name covers it
     "hpcdnn.kernels": ("mpi4py", "hpcdnn.mpi", "hpcdnn.models", "hpcdnn.data"),
     "hpcdnn.models": ("mpi4py", "hpcdnn.mpi", "hpcdnn.data"),
     "hpcdnn.data": ("hpcdnn.models", "hpcdnn.mpi", "mpi4py"),
-}
+    # a leaf every layer may record into (mpi/ included): stdlib and hpcdnn.atomic only, no torch, no MPI
+    "hpcdnn.trace": ("mpi4py", "torch", "numpy", *DRIVER, "hpcdnn.mpi", "hpcdnn.kernels", "hpcdnn.models", "hpcdnn.data",
+                     "hpcdnn.topologies", "hpcdnn.placement", "hpcdnn.optim", "hpcdnn.stop", "hpcdnn.plot"),
+}  # fmt: skip
 
 
 def under(name: str, prefix: str) -> bool:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hpcdnn import trace
 from hpcdnn.data.prefetch import BatchIterator
 from hpcdnn.data.schema import ShardReader, decode_jpeg, load_manifest
 from hpcdnn.kernels.augment import augment, augment_torch, center_offsets, draw, ten_crop_views
@@ -173,6 +174,7 @@ class ShardLoader:
         rank, world and batch_size n): a function of (seed, epoch, rank, batch), so row i is the same whoever asks."""
         return self._params(epoch, batch, n)
 
+    @trace.traced("read samples", "data")  # in the calling thread: on its compute track
     def read_samples(self, idx, offsets, flips, shift) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of global sample indices `idx` augmented with row i of each draw for sample i; sorted indices read
         as slices of neighbours (never a list index). Runs in the calling thread; its files stay open until close()."""
@@ -237,6 +239,7 @@ class ShardLoader:
             return np.tile(offsets, (n, 1)), np.tile(flips, n), np.zeros((10 * n, c), np.float32)
         return center_offsets(n, (h, w), self.crop), np.zeros(n, bool), np.zeros((n, c), np.float32)
 
+    @trace.traced("load batch", "data", "loader")  # the prefetch thread's own track
     def _make_batch(self, readers: dict, part: np.ndarray, epoch: int, batch: int, staging, pool):
         """Read, augment and deliver batch `batch`: (x, y) on the loader's device."""
         idx = self._batch_of(part, batch)

@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from hpcdnn import trace
 from hpcdnn.kernels import update
 from hpcdnn.models.flat import FlatParams
 from hpcdnn.mpi import control as ctl
@@ -51,8 +52,9 @@ class DownpourWorker:
     def start(self, resumed: bool) -> None:
         """Wait for the warmstart (workers other than 0), then fetch the parameters."""
         if self.worker != 0 and self.cfg.warmstart_steps and not resumed:
-            while not self.ctl.counter(ctl.WARM):
-                time.sleep(0.02)
+            with trace.span("warmstart wait", "comm", "comm"):
+                while not self.ctl.counter(ctl.WARM):
+                    time.sleep(0.02)
         self.fetch()
 
     def step(self, lr: float, epoch: int, batch: int) -> None:
@@ -83,11 +85,13 @@ class DownpourWorker:
         self.ctl.add(ctl.DONE)
 
     # ---- communication
+    @trace.traced("fetch", "comm", "comm")
     def fetch(self) -> None:
         self.version = self.ps.fetch(self.host)
         if not self.on_cpu:
             self.flat.data.copy_(torch.from_numpy(self.host))
 
+    @trace.traced("push", "comm", "comm")
     def push(self, lr: float) -> None:
         """Send the accumulated gradient to every shard (or reject it), then start a new sum."""
         g = self.acc_view
@@ -96,12 +100,14 @@ class DownpourWorker:
         try:
             if not update.grad_is_finite(g):
                 self.ctl.add(ctl.REJ_NONFINITE)
+                trace.instant("push rejected", "comm", "comm", reason="non-finite")
                 return
             tau = self.ctl.counter(ctl.APPLIED) - self.version
             scale, bound = 1.0, self.cfg.max_staleness
             if bound and tau > bound:
                 if self.cfg.staleness_policy == "drop":
                     self.ctl.add(ctl.REJ_STALE)
+                    trace.instant("push rejected", "comm", "comm", reason="stale", staleness=tau)
                     return
                 scale = 1.0 / tau
             if self.adagrad and self.cfg.weight_decay:
@@ -118,15 +124,16 @@ class DownpourWorker:
         eps = np.float32(self.cfg.adagrad_eps)
         for server, lo, hi, off in self.ps.pieces(a.size):
             n = hi - lo
-            if self.adagrad:
-                update.square_kernel(g[lo:hi], a[:n])
-                self.ps.add_sum_sq(a[:n], b[:n], server, off)  # b = the accumulator before this push
-                update.adagrad_delta_kernel(g[lo:hi], b[:n], nlr, eps)
-            else:  # the exact local SGD step on the fetched copy, pushed as a difference
-                buf = self.buf[lo:hi] if self.buf is not None else a[:0]
-                mom, wd = np.float32(self.cfg.momentum), np.float32(self.cfg.weight_decay)
-                update.sgd_delta_kernel(self.host[lo:hi], g[lo:hi], buf, b[:n], nlr, mom, wd, self.first_push)
-            self.ps.add_params(b[:n], server, off)
+            with trace.span(f"push shard {self.ps.roles.servers.index(server)}", "comm", "comm", offset=off, n=n):
+                if self.adagrad:
+                    update.square_kernel(g[lo:hi], a[:n])
+                    self.ps.add_sum_sq(a[:n], b[:n], server, off)  # b = the accumulator before this push
+                    update.adagrad_delta_kernel(g[lo:hi], b[:n], nlr, eps)
+                else:  # the exact local SGD step on the fetched copy, pushed as a difference
+                    buf = self.buf[lo:hi] if self.buf is not None else a[:0]
+                    mom, wd = np.float32(self.cfg.momentum), np.float32(self.cfg.weight_decay)
+                    update.sgd_delta_kernel(self.host[lo:hi], g[lo:hi], buf, b[:n], nlr, mom, wd, self.first_push)
+                self.ps.add_params(b[:n], server, off)
         self.first_push = False
 
     # ---- stopping and bookkeeping

@@ -30,6 +30,7 @@ import math
 import numpy as np
 from mpi4py import MPI
 
+from hpcdnn import trace
 from hpcdnn.kernels.lbfgs import Step, gram, lincomb, line_search, two_loop_coefficients
 from hpcdnn.models.flat import shard_ranges
 
@@ -78,6 +79,7 @@ class ShardedLBFGS:
         raise ValueError(f"{what} of shape {v.shape}: expected this rank's shard ({self.hi - self.lo},) of columns "
                          f"[{self.lo}, {self.hi}) or the full vector ({self.n},)")  # fmt: skip
 
+    @trace.traced("lbfgs direction", "sandblaster", "comm")  # an Allreduce of the Gram block, an Allgatherv of d
     def direction(self, g: np.ndarray) -> tuple[np.ndarray, float]:
         """d = -H g (full vector, identical on every rank) and g.d; collective. Commits the pending pair first.
 
@@ -126,6 +128,7 @@ class ShardedLBFGS:
         np.subtract(self.shard(g_new, "gradient"), self.V[self.g_row], out=self.V[self.y_row(slot)])
         self.pending = slot
 
+    @trace.traced("lbfgs dot", "sandblaster", "comm")
     def dot(self, u: np.ndarray, v: np.ndarray) -> float:
         """u . v from this rank's columns and one allreduce (each a shard or a full vector): the same value on every rank."""
         return self.comm.allreduce(float(np.dot(self.shard(u).astype(np.float64), self.shard(v))), op=MPI.SUM)

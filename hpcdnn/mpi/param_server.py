@@ -26,6 +26,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from hpcdnn import trace
 from hpcdnn.models.flat import shard_ranges
 from hpcdnn.mpi import control as ctl
 from hpcdnn.mpi.control import Control
@@ -50,9 +51,10 @@ class ParamServer:
         """Copy the server-held parameters into `out` (flat, float32); returns the update count they are at least as new as."""
         version = self.control.counter(ctl.APPLIED)
         read = self.params.get_atomic if self.atomic_fetch else self.params.get
-        for server, (lo, hi) in zip(self.roles.servers, self.shards):
+        for i, (server, (lo, hi)) in enumerate(zip(self.roles.servers, self.shards)):
             if hi > lo:
-                read(out[lo:hi], server)
+                with trace.span(f"fetch shard {i}", "comm", "comm", n=hi - lo):
+                    read(out[lo:hi], server)
         return version
 
     def pieces(self, chunk: int = 1 << 22):
@@ -92,6 +94,7 @@ class ParamServer:
         return params, acc
 
     # -- server side
+    @trace.traced("serve", "comm", "comm")  # spans "spin" while pushes arrive; a counter of pushes applied
     def serve(self, poll: float = 0.002, busy: float = 0.005) -> None:
         """Keep MPI progressing until every worker has reported done; no collective a stalled worker could block.
 
@@ -99,20 +102,26 @@ class ParamServer:
         epoch on this server waits for its next MPI call (Open MPI's osc/sm needs no help). So the server spins
         while pushes are arriving (for `busy` seconds after the last one it saw) and sleeps `poll` between checks.
         """
-        n_workers, seen, active = len(self.roles.workers), -1, time.monotonic()
+        n_workers, seen, active, spinning = len(self.roles.workers), -1, time.monotonic(), trace.now()
         while True:
             words = self.control.read(ctl.APPLIED, ctl.DONE - ctl.APPLIED + 1)
             if words[ctl.DONE - ctl.APPLIED] >= n_workers:
+                trace.complete("spin", spinning, "comm", "comm")
                 return
             self.comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)
             now = time.monotonic()
             if words[0] != seen:
                 seen, active = words[0], now
+                trace.counter("pushes applied", int(seen))
+                spinning = spinning or trace.now()
             if now - active < busy:
                 os.sched_yield()
-            else:
+            else:  # idle: the spin (pushes arriving) ends
+                trace.complete("spin", spinning, "comm", "comm")
+                spinning = 0
                 time.sleep(poll)
 
+    @trace.traced("wait for workers", "comm", "comm")
     def wait_done(self, poll: float = 0.01, report=None) -> None:
         """Root worker: wait until every worker has reported done."""
         n_workers, last = len(self.roles.workers), time.monotonic()

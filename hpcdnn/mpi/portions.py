@@ -38,6 +38,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 from mpi4py import MPI
 
+from hpcdnn import trace
 from hpcdnn.models.flat import shard_ranges
 from hpcdnn.mpi.window import SharedWindow
 
@@ -74,6 +75,8 @@ class Portions:
         self.rank, self.size = comm.Get_rank(), size
         self.backup_after, self.slow = backup_after, (slow_factor - 1.0 if comm.Get_rank() == slow_rank else 0.0)
         here = comm.Get_rank() == coordinator
+        if here and dynamic:
+            trace.set_role("coordinator")  # the timeline names the rank that holds the counter and the flags
         self.claims = SharedWindow(1 if here else 0, np.int64, comm=comm) if dynamic else None
         self.flags = SharedWindow(count if here else 0, np.int64, comm=comm) if dynamic else None
         self.evaluation = 0  # evaluations run; flag[k] == e once portion k of evaluation e is done
@@ -92,19 +95,20 @@ class Portions:
         self.evaluation += 1
         if not self.dynamic:
             for k in range(self.rank, self.count, self.size):  # round robin: equal shares, no windows
-                self._compute(k, compute, lambda k: True)
+                self._compute(k, compute, lambda k: True, "portion")
                 commit(k)
                 self.stats.won += 1
             return 0
-        e, claims, idle_since = self.evaluation, 0, None
+        e, claims, idle_since, idle_t = self.evaluation, 0, None, 0
         while True:
             backup = idle_since is not None
             if not backup:
                 k = self.claims.fetch_and_op(1, self.coordinator, 0) - self.base
                 claims += 1
                 if k >= self.count:
-                    idle_since = time.perf_counter()
+                    idle_since, idle_t = time.perf_counter(), trace.now()
                     continue
+                trace.instant("claim", "sandblaster", "comm", k=int(k), evaluation=e)
             else:
                 pending = np.flatnonzero(self.flags.read(self.coordinator, 0, self.count) != e)
                 if not pending.size:
@@ -114,24 +118,31 @@ class Portions:
                     continue
                 k = int(pending[self.rank % pending.size])
                 self.stats.backup += 1
-            finished = self._compute(k, compute, lambda k: self.flags.read(self.coordinator, k)[0] != e)
+                trace.complete("idle", idle_t, "sandblaster", pending=int(pending.size))
+            name = "backup portion" if backup else "portion"
+            finished = self._compute(k, compute, lambda k: self.flags.read(self.coordinator, k)[0] != e, name)
             if not finished:
                 self.stats.discarded += 1
                 self.stats.abandoned += 1
+                trace.instant("discarded", "sandblaster", k=int(k), reason="abandoned: another copy won")
             elif self.flags.compare_and_swap(e - 1, e, self.coordinator, k) == e - 1:
                 commit(k)
                 self.stats.won += 1
                 self.stats.backup_won += backup
+                trace.instant("won", "sandblaster", k=int(k), backup=backup)
             else:
                 self.stats.discarded += 1
+                trace.instant("discarded", "sandblaster", k=int(k), reason="lost the commit")
             if backup:
-                idle_since = time.perf_counter()
+                idle_since, idle_t = time.perf_counter(), trace.now()
+        trace.complete("idle", idle_t, "sandblaster", pending=0)  # waiting for the last portions elsewhere
         self.base += self.count + self.size
         return claims
 
-    def _compute(self, k: int, compute, still_needed) -> bool:
-        """Run compute(k) with the straggler's sleep and the abandon check between chunks; time it."""
+    def _compute(self, k: int, compute, still_needed, name: str) -> bool:
+        """Run compute(k) with the straggler's sleep and the abandon check between chunks; time it (a span `name`)."""
         t0 = last = time.perf_counter()
+        t_trace = trace.now()
 
         def keep_going() -> bool:
             nonlocal last
@@ -141,6 +152,7 @@ class Portions:
             return still_needed(k)
 
         finished = compute(k, keep_going)
+        trace.complete(name, t_trace, "sandblaster", k=int(k), evaluation=self.evaluation, finished=bool(finished))
         if finished:  # a moving average: it follows a rank whose speed changes (a shared node)
             took = time.perf_counter() - t0
             self.portion_time = took if not self.portion_time else 0.8 * self.portion_time + 0.2 * took
@@ -183,6 +195,7 @@ class Objective:
         self.stop_vote = False  # set by a signal handler: the run stops when any rank votes
         self.stop_agreed = False
 
+    @trace.traced("evaluation", "sandblaster")  # one objective evaluation: portions, then the reduction
     def __call__(self) -> tuple[float, np.ndarray]:
         n, buf = self.n, self.buf
         buf[:] = 0.0
@@ -205,13 +218,14 @@ class Objective:
         if self.wd:  # by shards, summed in the allreduce: every rank gets the same bits (decisions depend on f)
             mine = self.x[self.lo : self.hi].astype(np.float64)
             buf[n + 4] = mine @ mine
-        if self.full:
-            self.comm.Allreduce(MPI.IN_PLACE, buf)
-            g = buf[:n]
-        else:
-            self.comm.Reduce_scatter(buf[:n], self.shard, self.counts, op=MPI.SUM)
-            self.comm.Allreduce(MPI.IN_PLACE, buf[n:])
-            g = self.shard
+        with trace.span("objective reduce", "comm", "comm", full=self.full):  # also the stop agreement (the votes)
+            if self.full:
+                self.comm.Allreduce(MPI.IN_PLACE, buf)
+                g = buf[:n]
+            else:
+                self.comm.Reduce_scatter(buf[:n], self.shard, self.counts, op=MPI.SUM)
+                self.comm.Allreduce(MPI.IN_PLACE, buf[n:])
+                g = self.shard
         count, claims = int(buf[n + 1]), int(buf[n + 2])
         if count != self.expected or claims != self.portions.expected_claims():
             raise RuntimeError(
@@ -221,6 +235,8 @@ class Objective:
         self.evaluations += 1
         self.samples += count
         self.stop_agreed = buf[n + 3] > 0
+        if self.stop_agreed:
+            trace.instant("stop agreed", "comm", "comm", votes=int(buf[n + 3]))
         f = buf[n] / count + 0.5 * self.wd * buf[n + 4]
         g = g / count
         if self.wd:

@@ -8,6 +8,7 @@ Every rank holds an identical replica; a checkpoint keeps every rank's RNG (drop
 
 from __future__ import annotations
 
+from hpcdnn import trace
 from hpcdnn.topologies.base import Run, gathered_rng
 from hpcdnn.topologies.sgd import Local
 
@@ -32,6 +33,7 @@ class Allreduce(Local):
         self.sync.synchronize()
         self.opt.step(lr)
 
+    @trace.traced("stop agreement", "comm", "comm")  # the collective that decides to stop
     def stop_requested(self, signalled: bool) -> bool:
         from mpi4py import MPI
 

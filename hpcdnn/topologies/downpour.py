@@ -11,6 +11,7 @@ accumulator, the control words with every worker's position) while the others ke
 from __future__ import annotations
 
 from hpcdnn import checkpoint as ck
+from hpcdnn import trace
 from hpcdnn.topologies.base import Run, restore_rng
 from hpcdnn.topologies.sgd import SGD
 
@@ -71,6 +72,7 @@ class Downpour(SGD):
     def apply(self, lr: float, epoch: int, next_batch: int) -> None:
         self.worker.step(lr, epoch, next_batch)
 
+    @trace.traced("stop agreement", "comm", "comm")  # the STOP control word: set on a signal, read every step
     def stop_requested(self, signalled: bool) -> bool:
         if signalled:
             self.worker.request_stop()

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from hpcdnn import checkpoint as ck
+from hpcdnn import trace
 from hpcdnn.topologies.base import Run, StepResult, Topology
 from hpcdnn.topologies.sandblaster_data import ModelPortions, PortionData, auto_portions
 
@@ -100,14 +101,17 @@ class Sandblaster(Topology):
             self.last_epoch = epoch
             for i in range(inner, iters):
                 samples = obj.samples
-                d, gtd = opt.direction(self.g)
-                ls = line_search(obj, self.x, d, self.f, gtd, opt.first_step(cfg.sb_step), mode=cfg.sb_line_search,
-                                 max_evals=cfg.sb_ls_max, slope=lambda g_new, d=d: opt.dot(g_new, d))  # fmt: skip
-                if ls.ok:
-                    opt.propose(ls.t, d, ls.g)
-                    self.f, self.g = ls.f, ls.g
-                else:
-                    opt.reset()  # x is back where it was; steepest descent with a short first step next
+                with trace.span("L-BFGS iteration", "sandblaster", iteration=self.iterations, batch=batch):
+                    d, gtd = opt.direction(self.g)
+                    with trace.span("line search", "sandblaster") as span:
+                        ls = line_search(obj, self.x, d, self.f, gtd, opt.first_step(cfg.sb_step), mode=cfg.sb_line_search,
+                                         max_evals=cfg.sb_ls_max, slope=lambda g_new, d=d: opt.dot(g_new, d))  # fmt: skip
+                        span.set(evals=ls.evals, t=ls.t, ok=ls.ok)
+                    if ls.ok:
+                        opt.propose(ls.t, d, ls.g)
+                        self.f, self.g = ls.f, ls.g
+                    else:
+                        opt.reset()  # x is back where it was; steepest descent with a short first step next
                 self.iterations += 1
                 if i == iters - 1:
                     self.g = None  # the batch is done: the next one starts with its own evaluation

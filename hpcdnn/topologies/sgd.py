@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hpcdnn import trace
 from hpcdnn.data.loader import ShardLoader
 from hpcdnn.optim import FlatOptimizer
 from hpcdnn.placement import keep_threads
@@ -39,12 +40,15 @@ class SGD(Topology):
         run, model, flat = self.run, self.run.model, self.run.flat
         n = len(self.data)
         model.train()
-        for batch, (x, y) in enumerate(self.data.iter_epoch(epoch, start_batch=start), start=start):
+        for batch, (x, y) in enumerate(trace.iterate(self.data.iter_epoch(epoch, start_batch=start)), start=start):  # data wait
             self.lr = run.sched.lr(epoch + batch / n)
             flat.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            self.apply(self.lr, epoch, batch + 1)
+            with trace.span("forward"):
+                loss = F.cross_entropy(model(x), y)
+            with trace.span("backward"):
+                loss.backward()
+            with trace.span("apply", step=batch):  # the optimizer; allreduce and Downpour communicate inside
+                self.apply(self.lr, epoch, batch + 1)
             keep_threads(run.threads)  # a first parallel Numba kernel resets the OpenMP pool torch shares
             yield StepResult(loss.item(), len(y), bar={"lr": f"{self.lr:.2g}"}, log={"lr": self.lr})
 
