@@ -103,8 +103,7 @@ def downpour_vector(comm, n: int, repeats: int) -> dict | None:
 
         def push() -> None:  # what DownpourWorker.step does after backward with n_push = 1, minus the fetch
             worker.acc_view, worker.pending, worker.steps = grad, 1, worker.steps + 1
-            worker.push(cfg.lr)
-            worker.ctl.report(worker.worker, worker.sent, worker.steps, 0, worker.steps)
+            worker.push(cfg.lr, 0, worker.steps)  # counts the push with the worker's row, as in training
 
         ops = {"push": push, "fetch": worker.fetch, "put": lambda: ps.params.put(grad, roles.servers[0])}
         runs: dict[str, list] = {k: [] for k in ops}

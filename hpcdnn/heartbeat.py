@@ -156,7 +156,8 @@ def note(role: str | None = None, step: int | None = None) -> None:
     beat = _current
     if beat is None:
         return
-    if role is not None:
+    if role is not None and role != beat.role:
         beat.role = role
+        beat.send({"t": "beat"})  # at once: a node lost before the next heartbeat is still named with its role
     if step is not None:
         beat.step = step

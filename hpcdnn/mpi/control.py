@@ -102,11 +102,24 @@ class Control:
     def read_all(self) -> np.ndarray:
         return self.read(0, n_words(self.n_workers))
 
-    def record_push(self, tau: int, scaled: bool) -> None:
-        """Count an applied push and its staleness (after its updates completed): one lock epoch, one round trip."""
-        items = [(STALE_SUM, tau, MPI.SUM), (STALE_MAX, tau, MPI.MAX), (HIST + staleness_bin(tau), 1, MPI.SUM)]
-        items += [(SCALED, 1, MPI.SUM)] if scaled else []
-        self.win.update_many(self.head, [*items, (APPLIED, 1, MPI.SUM)])
+    def record_push(self, worker: int, row: tuple[int, int, int, int], tau: int = 0, scaled: bool = False,
+                    rejected: int | None = None) -> None:  # fmt: skip
+        """Count a push — applied, after its updates completed, with its staleness; or `rejected` (REJ_NONFINITE or
+        REJ_STALE) — together with the worker's row (sent, steps, epoch, batch), in one lock epoch: `snapshot` sees
+        the count and the row that goes with it, or neither, so a resumed run neither recounts nor loses a push."""
+        start = WORKER_BASE + PER_WORKER * worker
+        items = [(start + i, int(v), MPI.REPLACE) for i, v in enumerate(row)]
+        if rejected is not None:
+            items.append((rejected, 1, MPI.SUM))
+        else:
+            items += [(STALE_SUM, tau, MPI.SUM), (STALE_MAX, tau, MPI.MAX), (HIST + staleness_bin(tau), 1, MPI.SUM)]
+            items += [(SCALED, 1, MPI.SUM)] if scaled else []
+            items.append((APPLIED, 1, MPI.SUM))
+        self.win.update_many(self.head, items)
+
+    def snapshot(self) -> np.ndarray:
+        """Every word, under an exclusive lock: no push's count without its row (a checkpoint's counters)."""
+        return self.win.read_exclusive(self.head, 0, n_words(self.n_workers))
 
     def report(self, worker: int, sent: int, steps: int, epoch: int, batch: int) -> None:
         """Publish a worker's counts and position, atomically per word."""

@@ -68,8 +68,7 @@ class DownpourWorker:
             self.acc_view = self.acc
         self.pending += 1
         if self.steps % self.cfg.n_push == 0:
-            self.push(lr)
-            self.ctl.report(self.worker, self.sent, self.steps, epoch, batch)
+            self.push(lr, epoch, batch)
         if self.steps % self.cfg.n_fetch == 0:
             self.fetch()
         if self.worker == 0 and self.steps == self.cfg.warmstart_steps:
@@ -78,7 +77,7 @@ class DownpourWorker:
     def finish(self, lr: float, epoch: int, batch: int) -> None:
         """Push what is left, publish this worker's position and counts, and report done."""
         if self.pending:
-            self.push(lr)
+            self.push(lr, epoch, batch)
         if self.worker == 0:
             self.ctl.set(ctl.WARM, 1)  # a run shorter than the warmstart must not strand the others
         self.ctl.report(self.worker, self.sent, self.steps, epoch, batch)
@@ -92,28 +91,30 @@ class DownpourWorker:
             self.flat.data.copy_(torch.from_numpy(self.host))
 
     @trace.traced("push", "comm", "comm")
-    def push(self, lr: float) -> None:
-        """Send the accumulated gradient to every shard (or reject it), then start a new sum."""
+    def push(self, lr: float, epoch: int, batch: int) -> None:
+        """Send the accumulated gradient to every shard (or reject it), then start a new sum. The push is counted
+        together with this worker's position (epoch, batch: where its next step starts) in one control epoch."""
         g = self.acc_view
         self.sent += 1
         self.pending = 0
+        row = (self.sent, self.steps, epoch, batch)
         try:
             if not update.grad_is_finite(g):
-                self.ctl.add(ctl.REJ_NONFINITE)
+                self.ctl.record_push(self.worker, row, rejected=ctl.REJ_NONFINITE)
                 trace.instant("push rejected", "comm", "comm", reason="non-finite")
                 return
             tau = self.ctl.counter(ctl.APPLIED) - self.version
             scale, bound = 1.0, self.cfg.max_staleness
             if bound and tau > bound:
                 if self.cfg.staleness_policy == "drop":
-                    self.ctl.add(ctl.REJ_STALE)
+                    self.ctl.record_push(self.worker, row, rejected=ctl.REJ_STALE)
                     trace.instant("push rejected", "comm", "comm", reason="stale", staleness=tau)
                     return
                 scale = 1.0 / tau
             if self.adagrad and self.cfg.weight_decay:
                 update.axpy(g, self.host, self.cfg.weight_decay)  # decay toward the parameters the gradient saw
             self._apply(g, np.float32(-lr * scale))
-            self.ctl.record_push(tau, scale != 1.0)
+            self.ctl.record_push(self.worker, row, tau, scale != 1.0)
         finally:
             if self.acc is not None:
                 self.acc[:] = 0

@@ -175,6 +175,17 @@ class Window(BaseWindow):
             w.Get_accumulate(self._buf(array, lo, hi), self._buf(out, lo, hi), target, [offset + lo, hi - lo, self.mpi_type], op=op)
         w.Unlock(target)
 
+    def read_exclusive(self, target: int, index: int, count: int) -> np.ndarray:
+        """Elements read under an exclusive lock: it waits for every shared epoch on `target` to end, so an
+        `update_many` epoch is seen whole or not at all (a consistent snapshot of counters updated together)."""
+        self._check(target, index, count)
+        out = np.empty(count, self.dtype)
+        self.win.Lock(target, MPI.LOCK_EXCLUSIVE)
+        for lo, hi in self._pieces(count):
+            self.win.Get(self._buf(out, lo, hi), target, [index + lo, hi - lo, self.mpi_type])
+        self.win.Unlock(target)
+        return out
+
     def update_many(self, target: int, items: list[tuple[int, object, object]]) -> None:
         """Several single-element accumulates [(index, value, op), ...] in one lock epoch (counters updated together)."""
         for index, _, _ in items:

@@ -89,9 +89,14 @@ class Downpour(SGD):
     def state(self):
         if not self.run.is_root:
             return None
+        # Counters first, then parameters: every push counted is in the parameters (its count is written after its
+        # updates); a push that lands in between is in the parameters but not counted, so its worker redoes that step
+        # after a resume: at least once, never lost, and sent == applied + rejected stays exact. (A stop, unlike a
+        # periodic checkpoint, waits for every worker and is exact.)
+        counters = self.ps.control.snapshot()
         params, sum_sq = self.ps.snapshot()
         optim = {"sum_sq": sum_sq} if sum_sq is not None else {}
-        extra = {"ps_counters": [int(x) for x in self.ps.control.read_all()], "optimizer_steps": 0}
+        extra = {"ps_counters": [int(x) for x in counters], "optimizer_steps": 0}
         return params, optim, extra, ck.capture_rng()
 
     def finish(self, epoch: int, pos: int) -> None:
