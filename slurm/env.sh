@@ -10,7 +10,16 @@
 #                   the MPI needs - Open MPI: pmix, MPICH: pmi2 - else mpirun inside the allocation)
 #   SRUN_MPI        srun's --mpi= type                   (default: pmix for Open MPI, pmi2 for MPICH)
 #   SRUN_ARGS       extra srun options;  MPIRUN_ARGS  extra mpirun options
-#   MAX_RESTARTS    stop requeueing a preempted run after this many restarts           (default 100)
+#   MAX_RESTARTS    stop requeueing a preempted run after this many preemptions (node failures not counted)
+#                   (default 100)
+#   HPCDNN_WATCH_LAUNCH  1: run the launcher under `hpcdnn launch`, which hears every rank's heartbeat and ends the
+#                   job (exit 75, RUN_DIR/failed.json) when a rank or its node is lost; 0: the launcher alone  (default 1)
+#   HEARTBEAT_TIMEOUT  seconds a rank may stay silent before the watcher calls it lost (--heartbeat_timeout) (default 60)
+#   MAX_NODE_FAILURES  requeue a job that lost a node at most this many times, then let it fail        (default 3)
+#   NODE_PROBE      1: after a lost rank, requeue only if its node fails a probe (`srun --overlap -w NODE true`); a
+#                   rank that died on a node that answers (a crash, the OOM killer) fails the job as before;
+#                   0: requeue on every lost rank (still at most MAX_NODE_FAILURES times)      (default 1)
+#   NODE_PROBE_TIMEOUT  seconds the probe may take before the node counts as dead                 (default 30)
 #   STOP_GRACE      seconds the launcher may keep running after the run wrote preempted.json or summary.json
 #                   before the batch shell ends it (a rank or launcher hung in teardown must not cost the
 #                   requeue or hold the allocation)                                         (default 60)
@@ -26,7 +35,13 @@
 #     a signal that arrives before the launcher started requeues without starting it;
 #   * the requeued job (SLURM_RESTART_COUNT > 0) finds RUN_DIR/checkpoint.h5 and passes --resume by itself;
 #   * a rank that dies ends the job at once (python -m mpi4py aborts on an uncaught exception; mpirun and
-#     srun --kill-on-bad-exit kill the rest), with the launcher's exit code and no requeue.
+#     srun --kill-on-bad-exit kill the rest), with the launcher's exit code (75 under the watcher) and no requeue;
+#   * a lost node (HPCDNN_WATCH_LAUNCH=1): the watcher (hpcdnn/launch.py) names the lost rank, host and last step,
+#     ends the launcher and exits 75 - also when the launcher exits 0 but the run did not finish; if a lost rank's
+#     node fails the probe (NODE_PROBE), the job requeues and resumes from RUN_DIR/checkpoint.h5, at most
+#     MAX_NODE_FAILURES times (counted in RUN_DIR/node_failures.log, apart from preemptions); otherwise the batch
+#     script exits 75 and the job ends FAILED with the reason in its output. A run that did not finish and is not
+#     requeued never exits 0.
 
 hpcdnn_log() { echo "[hpcdnn-slurm $(date +%T)] $*" >&2; }
 hpcdnn_die() { hpcdnn_log "ERROR: $*"; exit 2; }
@@ -159,6 +174,9 @@ hpcdnn_run() {
     hpcdnn_requeue
   fi
   start=$(date +%s)
+  if [ "${HPCDNN_WATCH_LAUNCH:-1}" != 0 ]; then  # the watcher forwards the batch shell's signals to the launcher
+    set -- "$(_hpcdnn_watch_python)" -m hpcdnn launch --heartbeat_timeout="${HEARTBEAT_TIMEOUT:-60}" -- "$@"
+  fi
   hpcdnn_log "job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}: $*"
   "$@" &
   _HPCDNN_PID=$!
@@ -180,6 +198,9 @@ hpcdnn_run() {
       exit 1
     fi
     hpcdnn_requeue
+  fi
+  if [ "$rc" = 75 ] && [ "${HPCDNN_WATCH_LAUNCH:-1}" != 0 ] && _hpcdnn_fresh "$RUN_DIR/failed.json" "$start"; then
+    _hpcdnn_lost  # requeues, or exits 75
   fi
   if [ "$_HPCDNN_ENDED" = 1 ] && _hpcdnn_fresh "$RUN_DIR/summary.json" "$start"; then
     hpcdnn_log "the run had finished (RUN_DIR/summary.json) before its launcher was ended: exit 0"
@@ -213,6 +234,7 @@ _hpcdnn_watch() {
         kill -0 "$_HPCDNN_PID" 2>/dev/null || return 0
         sleep 1
       done
+      kill -KILL -- $(pgrep -P "$_HPCDNN_PID" | sed 's/^/-/') 2>/dev/null  # the watcher's launcher and its group
       kill -KILL "$_HPCDNN_PID" 2>/dev/null
       return 0
     fi
@@ -224,19 +246,98 @@ _hpcdnn_fresh() { [ -f "$1" ] && [ "$(stat -c %Y "$1")" -ge "$2" ]; }  # MARKER 
 
 _hpcdnn_step() { [ -f "$1" ] && sed -n 's/.*"step": *\([0-9]*\).*/\1/p' "$1" | head -1; }
 
-hpcdnn_requeue() {  # requeue this job (it restarts with --resume) and end the batch script
-  if [ "${SLURM_RESTART_COUNT:-0}" -ge "${MAX_RESTARTS:-100}" ]; then
-    hpcdnn_log "restarted ${SLURM_RESTART_COUNT} times (MAX_RESTARTS=${MAX_RESTARTS:-100}): not requeueing; resubmit to continue"
-    exit 0
+hpcdnn_requeue() {  # requeue this preempted job (it restarts with --resume) and end the batch script
+  local preempted=$((${SLURM_RESTART_COUNT:-0} - $(_hpcdnn_node_failures)))
+  if [ "$preempted" -ge "${MAX_RESTARTS:-100}" ]; then
+    hpcdnn_log "ERROR: preempted and requeued $preempted times (MAX_RESTARTS=${MAX_RESTARTS:-100}): not requeueing;"
+    hpcdnn_log "resubmit with RUN_DIR=$RUN_DIR to continue from its checkpoint"
+    exit 1
   fi
+  _hpcdnn_requeue_now
+}
+
+_hpcdnn_requeue_now() {
   hpcdnn_log "scontrol requeue $SLURM_JOB_ID (restart $((${SLURM_RESTART_COUNT:-0} + 1)) resumes from $RUN_DIR/checkpoint.h5)"
   scontrol requeue "$SLURM_JOB_ID" || hpcdnn_die "scontrol requeue $SLURM_JOB_ID failed: resubmit the same script with RUN_DIR=$RUN_DIR to resume"
   exit 0
 }
 
+# ------------------------------------------------------------------ lost ranks and nodes (hpcdnn launch exited 75)
+_hpcdnn_watch_python() {  # the watcher's interpreter: the venv's, not $PYTHON (which may be a wrapper around the ranks)
+  if [ "$HPCDNN_VENV" != none ] && [ -x "$HPCDNN_VENV/bin/python" ]; then echo "$HPCDNN_VENV/bin/python"; else echo "$PYTHON"; fi
+}
+
+_hpcdnn_node_failures() {  # how many times this job was requeued after losing a node (RUN_DIR/node_failures.log)
+  local n
+  n=$(grep -c "^job ${SLURM_JOB_ID:-none} " "$RUN_DIR/node_failures.log" 2>/dev/null)
+  echo "${n:-0}"
+}
+
+# _hpcdnn_lost: the watcher lost a rank and wrote RUN_DIR/failed.json. Requeue (resuming from the last checkpoint)
+# when a lost rank's node is dead or unreachable, at most MAX_NODE_FAILURES times in this job; otherwise exit 75,
+# so the job ends FAILED: a rank that died on a node that still answers is a crash a restart would repeat.
+_hpcdnn_lost() {
+  local failed="$RUN_DIR/failed.json" hosts host dead="" count
+  hosts=$("$(_hpcdnn_watch_python)" -c 'import json, sys; print(" ".join(json.load(open(sys.argv[1]))["hosts"]))' "$failed")
+  hpcdnn_log "the run lost rank(s) on ${hosts:-?} (hpcdnn launch exited 75; $failed says which and why)"
+  if [ "${NODE_PROBE:-1}" = 0 ]; then
+    dead=${hosts:-?}
+  elif [ -z "$hosts" ]; then
+    hpcdnn_log "ERROR: the run did not finish and no lost rank named its node ($failed): not requeueing."
+    exit 75
+  else
+    for host in $hosts; do _hpcdnn_node_alive "$host" || dead+="${dead:+ }$host"; done
+  fi
+  if [ -z "$dead" ]; then
+    hpcdnn_log "ERROR: node(s) ${hosts:-?} still answer: a rank died (a crash, the OOM killer, a kill), no node was lost:"
+    hpcdnn_log "not requeueing (NODE_PROBE=0 would). Resubmit with RUN_DIR=$RUN_DIR to resume from its checkpoint."
+    exit 75
+  fi
+  count=$(_hpcdnn_node_failures)
+  if [ "$count" -ge "${MAX_NODE_FAILURES:-3}" ]; then
+    hpcdnn_log "ERROR: lost node(s) $dead: node failure $((count + 1)) of this job, more than MAX_NODE_FAILURES=${MAX_NODE_FAILURES:-3}:"
+    hpcdnn_log "not requeueing; the job fails. Check the nodes, then resubmit with RUN_DIR=$RUN_DIR to resume."
+    exit 75
+  fi
+  echo "job ${SLURM_JOB_ID:-none} restart ${SLURM_RESTART_COUNT:-0} $(date +%FT%T) lost node(s) $dead" >> "$RUN_DIR/node_failures.log"
+  hpcdnn_log "lost node(s) $dead: node failure $((count + 1)) of at most MAX_NODE_FAILURES=${MAX_NODE_FAILURES:-3}: requeueing"
+  _hpcdnn_requeue_now
+}
+
+# _hpcdnn_node_alive HOST: does the job's node HOST (a hostname, as the ranks report it) still run a job step?
+_hpcdnn_node_alive() {
+  local host=$1 g=0 list node het=() out
+  while :; do
+    if [ -n "${SLURM_HET_SIZE:-}" ]; then
+      [ "$g" -lt "$SLURM_HET_SIZE" ] || break
+      list=$(eval echo "\${SLURM_JOB_NODELIST_HET_GROUP_$g:-}")
+      het=(--het-group="$g")
+    else
+      [ "$g" = 0 ] || break
+      list=${SLURM_JOB_NODELIST:-}
+    fi
+    g=$((g + 1))
+    node=$(scontrol show hostnames "$list" 2>/dev/null | grep -x -m1 -e "$host" -e "${host%%.*}") \
+      || node=$(scontrol show node -o "$list" 2>/dev/null | grep -m1 "NodeHostName=$host " | sed 's/^NodeName=\([^ ]*\).*/\1/') \
+      || continue
+    [ -n "$node" ] || continue
+    if out=$(timeout "${NODE_PROBE_TIMEOUT:-30}" srun "${het[@]}" --overlap --mpi=none --nodes=1 --ntasks=1 --nodelist="$node" true 2>&1); then
+      hpcdnn_log "node $node ($host) answers (srun --overlap -w $node true)"
+      return 0
+    fi
+    hpcdnn_log "node $node ($host) is lost: srun --overlap -w $node true failed or took over ${NODE_PROBE_TIMEOUT:-30} s: $(tail -n 2 <<<"$out" | tr -s "\n" " ")"
+    return 1
+  done
+  hpcdnn_log "host $host is not a node of this job (SLURM_JOB_NODELIST=${SLURM_JOB_NODELIST:-?}): counting it as lost"
+  return 1
+}
+
 # hpcdnn_train [--key=value ...]: the whole job for the homogeneous topologies: one launcher, SLURM_NTASKS ranks.
 hpcdnn_train() {
   hpcdnn_launcher
+  if [ "${HPCDNN_WATCH_LAUNCH:-1}" != 0 ] && [ "$HPCDNN_LAUNCHER" = mpirun ] && [ "$HPCDNN_MPI" = openmpi ]; then
+    HPCDNN_LAUNCH+=(-x HPCDNN_WATCH)  # Open MPI's mpirun passes on only the variables it is told (srun and Hydra: all)
+  fi
   hpcdnn_train_args "$@"
   mkdir -p "$RUN_DIR"
   hpcdnn_run "${HPCDNN_LAUNCH[@]}" "$PYTHON" -m mpi4py -m hpcdnn "${HPCDNN_ARGS[@]}"

@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -263,3 +264,84 @@ def test_hetjob_components_on_their_own_nodes(slurm, dataset, tmp_path, launcher
     components = [hostnames(c) for c in re.findall(r"\bNodeList=(\S+)", record)]
     assert components == [{where[0][0]}, {where[1][0], where[2][0]}], (components, where)
     assert summary(run)["steps"] == 3
+
+
+def _slurm_up(vc) -> None:
+    """slurm-up.sh again (idempotent): restarts the slurmd of a node that was killed and resumes the node."""
+    env = {**vc.env, "VCLUSTER_SLURM_DIR": f"/tmp/hpcdnn-slurm-{NAME}"}
+    r = subprocess.run(["bash", str(HERE / "slurm-up.sh")], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, f"slurm-up.sh exited {r.returncode}:\n{r.stderr[-3000:]}"
+
+
+def _checkpoint_step(run_dir: Path) -> int:
+    try:
+        with h5py.File(run_dir / "checkpoint.h5", "r") as f:
+            return int(f.attrs["step"])
+    except (OSError, KeyError):
+        return 0
+
+
+def test_lost_node_requeues_the_job_which_resumes_and_finishes(slurm, dataset, nodes_slurm, tmp_path):
+    """A node dies mid-run: every process of a worker's node (its rank, the step daemon, slurmd) is killed. The watcher
+    (`hpcdnn launch`, started by env.sh) names the lost rank and node and exits 75; the node fails env.sh's probe, so
+    the job requeues itself; Slurm starts it again once it has marked the node DOWN (SlurmdTimeout), on the other three
+    nodes; the second run resumes from the last periodic checkpoint and finishes with every push accounted for."""
+    run = tmp_path / "run"
+    args = [*ARGS, "--max_steps=16", "--checkpoint_every=2", "--log_every=2", "--optimizer=sgd", "--atomic_fetch=false"]
+    jid = slurm.sbatch("train_downpour.sbatch", *args, opts=("--nodes=3", "--cpus-per-task=1"), env=train_env(dataset, run))
+    slurm.wait_until(lambda: (run / "metrics.jsonl").exists() and _checkpoint_step(run) > 0, 180, "a periodic checkpoint", jid)
+    where, batch_host = ranks((slurm.tmp / f"slurm-{jid}.out").read_text()), slurm.show(jid)["BatchHost"]
+    node = where[2][0]  # rank 2: a worker, not the root worker (rank 1), not the server (rank 0, on the batch host)
+    assert node != batch_host, (where, batch_host)
+    t0 = time.monotonic()
+    try:
+        nodes_slurm.kill(node)
+        slurm.wait_until(lambda: int(slurm.show(jid).get("Restarts", 0)) >= 1, 90, f"a requeue of job {jid}", jid)
+        requeued = time.monotonic() - t0
+        slurm.wait_until(lambda: slurm.show(jid).get("JobState") == "RUNNING", 150, f"job {jid} running again")
+        restarted = time.monotonic() - t0
+        info = slurm.wait(jid, 150, what="after the requeue")
+        done = time.monotonic() - t0
+    finally:
+        _slurm_up(nodes_slurm)  # the node's slurmd again, the node back in service
+    out = (slurm.tmp / f"slurm-{jid}.out").read_text()
+    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", f"{info}\n{out}"
+    assert f"lost rank 2 (worker) on {node}" in out and f"node {node} ({node}) is lost" in out, out
+    assert f"lost node(s) {node}: node failure 1 of at most MAX_NODE_FAILURES=3: requeueing" in out, out
+    assert f"scontrol requeue {jid}" in out and f"job {jid} restart 1 on" in out and info["Restarts"] == "1", out
+    assert node not in hostnames(info["NodeList"]), info  # Slurm marked the dead node DOWN and ran it elsewhere
+    resumed = int(re.search(r"resuming at step (\d+) ", out)[1])
+    assert resumed > 0 and resumed % 2 == 0, out
+    s = summary(run)
+    assert s["steps"] == 16 and s["worker_steps"] == [16, 16], s
+    assert s["pushes_sent"] == s["pushes_applied"] + s["pushes_rejected"], s
+    print(
+        f"\nlost node {node}: requeued {requeued:.0f} s, running again {restarted:.0f} s, completed {done:.0f} s after the kill "
+        f"(resumed at step {resumed})"
+    )
+
+
+def test_lost_ranks_beyond_max_node_failures_fail_the_job(slurm, dataset, nodes_slurm, tmp_path):
+    """The bound: with NODE_PROBE=0 every lost rank counts as a lost node, and with MAX_NODE_FAILURES=0 none is
+    requeued. A worker rank killed mid-run ends the job FAILED with the watcher's exit 75, not requeued, and the
+    output says why."""
+    run = tmp_path / "run"
+    env = train_env(dataset, run, NODE_PROBE="0", MAX_NODE_FAILURES="0")
+    jid = slurm.sbatch("train_downpour.sbatch", *ARGS, "--max_steps=200", opts=("--nodes=3", "--cpus-per-task=1"), env=env)
+    slurm.wait_until(lambda: (run / "metrics.jsonl").exists(), 180, "training (a metrics line)", jid)
+    node = ranks((slurm.tmp / f"slurm-{jid}.out").read_text())[2][0]
+    victims = [p for p in nodes_slurm.pids(node) if b"hpcdnn" in _cmdline(p) and b"mpi4py" in _cmdline(p)]
+    assert len(victims) == 1, [_cmdline(p) for p in nodes_slurm.pids(node)]
+    os.kill(victims[0], 9)
+    info = slurm.wait(jid, 90, what="after a rank was killed")
+    out = (slurm.tmp / f"slurm-{jid}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "75:0" and info["Restarts"] == "0", f"{info}\n{out}"
+    assert f"lost rank 2 (worker) on {node}" in out and "more than MAX_NODE_FAILURES=0:" in out and "not requeueing" in out, out
+    assert not (run / "summary.json").exists() and (run / "failed.json").exists()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
