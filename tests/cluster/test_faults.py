@@ -74,7 +74,7 @@ def kill_node_and_wait(vc, w: Watch, node: str) -> float:
 def test_killed_worker_node_then_killed_server_node_resume_accounts_for_every_push(vcluster, fashion_tiny, tmp_path):
     """(a) hv4 (a worker) killed: exit 75 naming rank 2 on hv4, checkpoint intact; (c) the resumed run's server node
     hv2 killed: exit 75 naming rank 0 on hv2, checkpoint intact; the second resume, all nodes healthy, runs 4 steps
-    past the checkpoint and finishes with every worker at its full step count and sent == applied + rejected."""
+    past the checkpoint and finishes with every worker at (at least) its step count and one push counted per step."""
     run = tmp_path / "dp"
     args = [*DOWNPOUR, "--epochs=10000", "--checkpoint_every=2"]  # only the faults end the first two attempts
     took = {}
@@ -95,8 +95,10 @@ def test_killed_worker_node_then_killed_server_node_resume_accounts_for_every_pu
     w = job(vcluster, fashion_tiny, run, *args, "--resume", f"--max_steps={end}")
     assert w.wait(timeout=240) == 0, w.output()
     s = json.loads((run / "summary.json").read_text())
-    assert s["worker_steps"] == [end, end] and s["steps"] == end, s
-    assert s["pushes_sent"] == s["pushes_applied"] + s["pushes_rejected"] == 2 * end, s
+    # the root stops at `end`; the other worker may have been further ahead at the checkpoint (asynchronous), and
+    # resumes there: it never goes back. One push per step (n_push = 1): every step's push is counted exactly once.
+    assert s["steps"] == end and s["worker_steps"][0] == end and s["worker_steps"][1] >= end, s
+    assert s["pushes_sent"] == s["pushes_applied"] + s["pushes_rejected"] == sum(s["worker_steps"]), s
     assert not (run / "failed.json").exists()
     print(f"\nfaults: job ended {', '.join(f'{t:.1f} s after {n} was killed' for n, t in took.items())}")
 
