@@ -25,9 +25,17 @@ def hpcdnn(n: int, *args, timeout: float = 240) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "hpcdnn", "train", *map(str, args)]
     if n:
         cmd = [*mpirun(n), sys.executable, "-m", "mpi4py", "-m", "hpcdnn", "train", *map(str, args)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hang (seen once in CI): SIGUSR2 makes the CLI print every thread's stack
+        proc.send_signal(signal.SIGUSR2)
+        time.sleep(5)
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)} hung for {timeout} s; its stacks:\n{out[-3000:]}\n{err[-6000:]}") from None
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{out[-3000:]}\n{err[-3000:]}"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def case(n: int, name: str, out: Path, timeout: float = 120, env: dict | None = None) -> dict:
