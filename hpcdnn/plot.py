@@ -30,12 +30,7 @@ def plot_runs(runs: list[str | Path], out: str | Path, labels: list[str] | None 
         for row in (0, 1):
             axes[row, col].grid(alpha=0.3)
             axes[row, col].legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 ASYNC_ROW = 1000  # row key of a track's async slices: (pid, ASYNC_ROW + tid), below the process's other tracks
@@ -122,6 +117,13 @@ def plot_trace(trace: str | Path, out: str | Path, window: tuple[float, float] |
     ax.legend(handles, names[:24], fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(title or Path(trace).name, fontsize=9)
+    return save(fig, out)
+
+
+def save(fig, out) -> Path:
+    """Lay out, write (parent directories made) and close a figure; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
