@@ -27,7 +27,7 @@ from vcluster import VirtualCluster, available
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "slurm"))
-from slurmjobs import CI_DIR, REPO, SLURM_DIR, Slurm  # noqa: E402
+from slurmjobs import CI_DIR, REPO, SLURM_DIR, Slurm, make_idx_input, shard_idx  # noqa: E402
 
 pytestmark = pytest.mark.slurm
 NAME, SUBNET = "sn", "10.81.0"  # not hv: the `vcluster` fixture's cluster may be up at the same time
@@ -113,24 +113,13 @@ def slurm(nodes_slurm, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def idx_input(tmp_path_factory):
-    """MNIST-style IDX files (600 train, 100 test, 28x28, 10 classes), made by tests/fakes.py."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from fakes import make_idx_dataset
-
-    d = tmp_path_factory.mktemp("idx")
-    make_idx_dataset(d, n_train=600, n_test=100, seed=1)
-    return d
+def idx_input(tmp_path_factory):  # slurmjobs' fixtures of the same name start the one-host Slurm: not here
+    return make_idx_input(tmp_path_factory.mktemp("idx"))
 
 
 @pytest.fixture(scope="module")
 def dataset(idx_input, tmp_path_factory):
-    """The IDX input sharded by a serial in-process data-prep run: the jobs' data and the array's reference bytes."""
-    from data_prep.cli import main
-
-    out = tmp_path_factory.mktemp("data") / "idx"
-    assert main(["idx", "--dir", str(idx_input), "--out", str(out), "--shard-size", "50"]) == 0
-    return out
+    return shard_idx(idx_input, tmp_path_factory.mktemp("data") / "idx")
 
 
 def ranks(out: str) -> dict[int, tuple[str, str, str]]:

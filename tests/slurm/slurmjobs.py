@@ -144,22 +144,28 @@ def slurm(cluster, tmp_path):
     s.cancel_all()
 
 
-@pytest.fixture(scope="session")
-def idx_input(cluster, tmp_path_factory):
-    """MNIST-style IDX files (600 train, 100 test, 28x28, 10 classes), real files made by tests/fakes.py."""
+def make_idx_input(d: Path) -> Path:
+    """MNIST-style IDX files (600 train, 100 test, 28x28, 10 classes) in `d`, real files made by tests/fakes.py."""
     sys.path.insert(0, str(REPO / "tests"))
     from fakes import make_idx_dataset
 
-    d = tmp_path_factory.mktemp("idx")
     make_idx_dataset(d, n_train=600, n_test=100, seed=1)
     return d
 
 
-@pytest.fixture(scope="session")
-def dataset(idx_input, tmp_path_factory):
-    """The IDX input sharded by a serial in-process data-prep run: the training jobs' data and the array's reference."""
+def shard_idx(idx: Path, out: Path) -> Path:
+    """`idx` sharded into `out` by a serial in-process data-prep run: the jobs' data and the array's reference bytes."""
     from data_prep.cli import main
 
-    out = tmp_path_factory.mktemp("data") / "idx"
-    assert main(["idx", "--dir", str(idx_input), "--out", str(out), "--shard-size", "50"]) == 0
+    assert main(["idx", "--dir", str(idx), "--out", str(out), "--shard-size", "50"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def idx_input(cluster, tmp_path_factory):
+    return make_idx_input(tmp_path_factory.mktemp("idx"))
+
+
+@pytest.fixture(scope="session")
+def dataset(idx_input, tmp_path_factory):
+    return shard_idx(idx_input, tmp_path_factory.mktemp("data") / "idx")
