@@ -60,9 +60,13 @@ class Config:
     n_fetch: int = 1  # downpour: a worker fetches the parameters every n_fetch steps
     n_push: int = 1  # downpour: a worker pushes its accumulated gradient every n_push steps
     warmstart_steps: int = 0  # downpour: worker 0 trains alone this many steps before the others fetch and start
-    max_staleness: int = 0  # downpour: pushes older than this many server updates are dropped or scaled (0 = unbounded)
+    max_staleness: int = (
+        0  # downpour: pushes staler than this many server updates are dropped (and the worker re-fetches) or scaled (0 = unbounded)
+    )
     staleness_policy: str = "drop"  # downpour, with max_staleness: drop the push | scale it by 1/staleness
-    atomic_fetch: bool = True  # downpour: fetch with MPI_Get_accumulate(NO_OP) (atomic per element, as MPI requires) or plain Get
+    max_delay: int = 0  # downpour bounded delay (SSP-like): a worker more than this many steps ahead of the slowest waits (0 = off)
+    overlap: bool = False  # downpour: push and fetch on a communication thread while the next step computes (gradients one fetch older)
+    push_dtype: str = "fp32"  # downpour: gradients on the wire as fp32 | bf16 | fp16 (the servers keep fp32 parameters)
     bucket_mb: float = 1.0  # allreduce: gradient bucket size in MiB; small buckets let the ring start during backward (README)
     # sandblaster (L-BFGS; batch_size is the global batch, cut into portions that the ranks claim)
     sb_history: int = 10  # L-BFGS memory m: (s, y) pairs kept, each vector sharded across the ranks
@@ -87,6 +91,7 @@ class Config:
             "topology": tuple(TOPOLOGIES),
             "placement": ("first", "last", "env"),
             "staleness_policy": ("drop", "scale"),
+            "push_dtype": ("fp32", "bf16", "fp16"),
             "model": ("auto", *MODELS),
             "sb_line_search": ("wolfe", "armijo", "none"),
         }
@@ -121,9 +126,15 @@ class Config:
             "warmup_epochs",
             "warmstart_steps",
             "max_staleness",
+            "max_delay",
         ):
             if getattr(self, key) < 0:
                 raise ValueError(f"--{key}={getattr(self, key)!r} must be >= 0")
+        if self.max_delay and self.max_delay < self.n_push:
+            raise ValueError(
+                f"--max_delay={self.max_delay} < --n_push={self.n_push}: a worker's clock advances only when it pushes, so the "
+                f"slowest could wait for the others; use --max_delay >= n_push"
+            )
         topology(self.topology).check(self)  # what only that topology rules out
 
     def to_toml(self) -> str:

@@ -261,43 +261,25 @@ def test_momentum_zero_leaves_buffer_alone_and_zero_buffer_equals_first_step_rul
     np.testing.assert_array_equal(a, b)
 
 
-# ---- the Downpour worker's push kernels: the same step as the local kernels, split into delta + server-side add
+# ---- a parameter server's double buffer: the step read from one buffer and written to the other
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "py_func"])
-@pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 5e-4)])
-def test_sgd_delta_is_the_local_step(compiled, momentum, weight_decay):
-    """param + sgd_delta == sgd_kernel's result (up to the last ulp where the difference rounds), buffers identical."""
-    param, grads = random_problem()
-    kern = update.sgd_delta_kernel if compiled else update.sgd_delta_kernel.py_func
-    local, server = param.copy(), param.copy()
-    buf_local, buf_worker = np.zeros_like(param), np.zeros_like(param)
-    out = np.empty_like(param)
-    f = np.float32
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("opt", ["sgd", "adagrad"])
+def test_out_buffer_equals_the_in_place_step(backend, opt):
+    """With out=, the new parameters land in `out`, param is untouched, and they equal the in-place step bit for bit."""
+    param, grads = random_problem(seed=3)
+    inplace, front, back = param.copy(), param.copy(), np.empty_like(param)
+    state_a, state_b = np.zeros_like(param), np.zeros_like(param)
     for k, g in enumerate(grads):
-        sgd_reference(local, g, buf_local, 0.05, momentum=momentum, weight_decay=weight_decay, first_step=k == 0)
-        kern(server, g, buf_worker, out, f(-0.05), f(momentum), f(weight_decay), k == 0)
-        server += out  # what MPI_Accumulate(SUM) does at the server
-        np.testing.assert_array_equal(buf_worker, buf_local) if momentum else None
-    np.testing.assert_allclose(server, local, rtol=1e-6, atol=1e-7)
-    assert np.mean(server == local) > 0.9  # bit-equal wherever the step is small against the parameter
-
-
-@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "py_func"])
-def test_adagrad_delta_is_the_local_step(compiled):
-    """sum_sq += g*g at the server, param += adagrad_delta: the same as adagrad_reference within float tolerance."""
-    param, grads = random_problem(seed=2)
-    sq = update.square_kernel if compiled else update.square_kernel.py_func
-    delta = update.adagrad_delta_kernel if compiled else update.adagrad_delta_kernel.py_func
-    local, server, acc_local, acc_server = param.copy(), param.copy(), np.zeros_like(param), np.zeros_like(param)
-    g2, old = np.empty_like(param), np.empty_like(param)
-    for g in grads:
-        adagrad_reference(local, g, acc_local, 0.05, eps=1e-10)
-        sq(g, g2)
-        np.testing.assert_array_equal(g2, g * g)
-        old[:] = acc_server  # MPI_Get_accumulate returns the accumulator before the add ...
-        acc_server += g2  # ... and adds g^2 to it
-        delta(g, old, np.float32(-0.05), np.float32(1e-10))
-        server += old
-    np.testing.assert_allclose(acc_server, acc_local, rtol=1e-6)
-    np.testing.assert_allclose(server, local, rtol=1e-5, atol=1e-6)
+        before = front.copy()
+        if opt == "sgd":
+            sgd(inplace, g, state_a, 0.05, momentum=0.9, weight_decay=5e-4, first_step=k == 0, backend=backend)
+            sgd(front, g, state_b, 0.05, momentum=0.9, weight_decay=5e-4, first_step=k == 0, out=back, backend=backend)
+        else:
+            adagrad(inplace, g, state_a, 0.05, weight_decay=5e-4, backend=backend)
+            adagrad(front, g, state_b, 0.05, weight_decay=5e-4, out=back, backend=backend)
+        np.testing.assert_array_equal(front, before)
+        np.testing.assert_array_equal(back, inplace)
+        np.testing.assert_array_equal(state_b, state_a)
+        front, back = back, front

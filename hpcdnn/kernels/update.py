@@ -57,8 +57,9 @@ def _fma32_compiled(a, b, c):
 
 
 @kernel(parallel=True)
-def sgd_kernel(param, grad, buf, nlr, momentum, weight_decay, one_minus_dampening, nesterov, first_step):
-    """One torch SGD step per element; nlr is -lr. With momentum 0, buf is not touched (pass any array)."""
+def sgd_kernel(param, out, grad, buf, nlr, momentum, weight_decay, one_minus_dampening, nesterov, first_step):
+    """One torch SGD step per element, the new parameters written to `out` (`param` itself for in place; a parameter
+    server's other buffer); nlr is -lr. With momentum 0, buf is not touched (pass any array)."""
     for i in prange(param.size):
         g = grad[i]
         if weight_decay != 0:
@@ -73,19 +74,19 @@ def sgd_kernel(param, grad, buf, nlr, momentum, weight_decay, one_minus_dampenin
                 g = fma32(b, momentum, g)
             else:
                 g = b
-        param[i] = fma32(g, nlr, param[i])
+        out[i] = fma32(g, nlr, param[i])
 
 
 @kernel(parallel=True)
-def adagrad_kernel(param, grad, sum_sq, nclr, eps, weight_decay):
-    """One torch Adagrad step per element; nclr is -lr / (1 + (step - 1) * lr_decay)."""
+def adagrad_kernel(param, out, grad, sum_sq, nclr, eps, weight_decay):
+    """One torch Adagrad step per element into `out` (may be `param`); nclr is -lr / (1 + (step - 1) * lr_decay)."""
     for i in prange(param.size):
         g = grad[i]
         if weight_decay != 0:
             g = fma32(param[i], weight_decay, g)
         s = fma32(g, g, sum_sq[i])
         sum_sq[i] = s
-        param[i] = param[i] + nclr * g / (np.sqrt(s) + eps)
+        out[i] = param[i] + nclr * g / (np.sqrt(s) + eps)
 
 
 @kernel(parallel=True)
@@ -103,45 +104,6 @@ def axpy_kernel(y, x, alpha):
     """y += alpha * x, fused like torch's y.add_(x, alpha=alpha)."""
     for i in prange(y.size):
         y[i] = fma32(x[i], alpha, y[i])
-
-
-@kernel(parallel=True)
-def square_kernel(x, out):
-    """out = x * x (the Adagrad increment a Downpour worker accumulates into a server's sum of squares)."""
-    for i in prange(x.size):
-        out[i] = x[i] * x[i]
-
-
-@kernel(parallel=True)
-def sgd_delta_kernel(param, grad, buf, out, nlr, momentum, weight_decay, first_step):
-    """A Downpour worker's SGD push: out = (param after `sgd_kernel`'s step) - param, param itself unchanged.
-
-    The worker keeps the momentum buffer. Pushing the difference of the exact local step (not -lr * g) makes the
-    server's param + out round back to the local result whenever the subtraction is exact (Sterbenz: whenever the
-    step is smaller than half the parameter), so one worker reproduces the local trainer bit for bit in practice.
-    """
-    for i in prange(param.size):
-        g = grad[i]
-        if weight_decay != 0:
-            g = fma32(param[i], weight_decay, g)
-        if momentum != 0:
-            if first_step:
-                b = g
-            else:
-                b = fma32(g, np.float32(1.0), buf[i] * momentum)
-            buf[i] = b
-            g = b
-        out[i] = fma32(g, nlr, param[i]) - param[i]
-
-
-@kernel(parallel=True)
-def adagrad_delta_kernel(grad, acc, nclr, eps):
-    """A Downpour worker's Adagrad push: `acc` (a shard's sum of squares before this gradient) becomes the update
-    nclr * g / (sqrt(acc + g^2) + eps), the same expression as `adagrad_kernel` applies to the parameter."""
-    for i in prange(grad.size):
-        g = grad[i]
-        s = fma32(g, g, acc[i])
-        acc[i] = nclr * g / (np.sqrt(s) + eps)
 
 
 # ---- numpy references: the same float32 operations in the same order, one whole-array op at a time ----
@@ -226,9 +188,11 @@ def sgd(
     nesterov: bool = False,
     *,
     first_step: bool = False,
+    out: Array | None = None,
     backend: str = "auto",
 ) -> None:
-    """torch.optim.SGD's step in place on param (and momentum_buf).
+    """torch.optim.SGD's step in place on param (and momentum_buf); with `out`, the new parameters go there and
+    param is only read (a parameter server's double buffer).
 
     torch starts the buffer as a copy of the first gradient: pass first_step=True on the first step. A
     zero-initialised buffer gives the same result without it when dampening == 0. momentum_buf may be None
@@ -252,12 +216,16 @@ def sgd(
             else:
                 buf.mul_(momentum).add_(g, alpha=1 - dampening)
             g = g.add(buf, alpha=momentum) if nesterov else buf
-        p.add_(g, alpha=-lr)
+        if out is None:
+            p.add_(g, alpha=-lr)
+        else:
+            torch.add(p, g, alpha=-lr, out=_flat_torch(out, "out", n))
         return
     p, g = _flat_numpy(param, "param", n), _flat_numpy(grad, "grad", n)
+    o = p if out is None else _flat_numpy(out, "out", n)
     buf = _flat_numpy(momentum_buf, "momentum_buf", n) if momentum != 0 else p  # not touched when momentum == 0
     f = np.float32  # torch's float32 scalars; Python floats would make the kernels compute in float64
-    sgd_kernel(p, g, buf, f(-lr), f(momentum), f(weight_decay), f(1 - dampening), bool(nesterov), bool(first_step))
+    sgd_kernel(p, o, g, buf, f(-lr), f(momentum), f(weight_decay), f(1 - dampening), bool(nesterov), bool(first_step))
 
 
 def adagrad(
@@ -270,9 +238,11 @@ def adagrad(
     lr_decay: float = 0.0,
     step: int = 1,
     *,
+    out: Array | None = None,
     backend: str = "auto",
 ) -> None:
-    """torch.optim.Adagrad's step in place on param and sum_sq (DistBelief Downpour's server-side update).
+    """torch.optim.Adagrad's step in place on param and sum_sq (DistBelief Downpour's server-side update); with
+    `out`, the new parameters go there and param is only read.
 
     step counts from 1 (torch's state["step"] after its increment); initial_accumulator_value is just the value
     sum_sq starts filled with.
@@ -286,10 +256,14 @@ def adagrad(
         if weight_decay != 0:
             g = g.add(p, alpha=weight_decay)
         s.addcmul_(g, g, value=1)
-        p.addcdiv_(g, s.sqrt().add_(eps), value=-clr)
+        if out is None:
+            p.addcdiv_(g, s.sqrt().add_(eps), value=-clr)
+        else:
+            torch.addcdiv(p, g, s.sqrt().add_(eps), value=-clr, out=_flat_torch(out, "out", n))
         return
     p, g, s = _flat_numpy(param, "param", n), _flat_numpy(grad, "grad", n), _flat_numpy(sum_sq, "sum_sq", n)
-    adagrad_kernel(p, g, s, np.float32(-clr), np.float32(eps), np.float32(weight_decay))
+    o = p if out is None else _flat_numpy(out, "out", n)
+    adagrad_kernel(p, o, g, s, np.float32(-clr), np.float32(eps), np.float32(weight_decay))
 
 
 def grad_is_finite(grad: Array) -> bool:

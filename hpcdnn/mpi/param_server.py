@@ -1,21 +1,33 @@
-"""The sharded parameter server of Downpour SGD: P server ranks each own one slice of the flat parameter vector.
+"""The sharded parameter server of Downpour SGD: P server ranks each own one slice of the flat parameter vector and
+apply the workers' gradients to it themselves, as DistBelief's servers did.
 
-Memory (all `MPI.Win.Allocate`, see window.py): on server s, `params` holds its slice (balanced, cache-line aligned,
-`models.flat.shard_ranges`) and `sum_sq` the Adagrad accumulator of that slice; server 0 also holds the control
-words (control.py: pushes applied/rejected, staleness statistics, done/stop/warm flags, each worker's progress).
+Memory on server s (every window `MPI.Win.Allocate`d over roles.comm; workers expose nothing):
+  params   2 x shard floats: a double buffer; buffer VERSION % 2 is published, the server writes the other
+  inbox    W x shard elements (float32, or 16-bit words with --push_dtype): worker w's slot is inbox[w]
+  words    int64 flags, per-worker sequence numbers and rows (control.py has the layout)
+  state    the optimizer's per-parameter state (Adagrad's sum of squares, SGD's momentum): server-private numpy
 
-Where the update is computed — a design decision. Workers compute it and apply it with element-wise atomic RMA:
-  SGD      params += -lr * g                                (MPI_Accumulate SUM)
-  Adagrad  old = sum_sq; sum_sq += g^2                      (MPI_Get_accumulate SUM: atomic read-modify-write)
-           params += -lr * g / (sqrt(old + g^2) + eps)      (MPI_Accumulate SUM)
-MPI guarantees concurrent accumulates to one location are atomic per element, so no push is ever lost and no
-lock is exclusive. The alternative, an inbox per worker that the server drains and applies (DistBelief's shape),
-needs W shard-sized inboxes per server, a flow-control flag per worker, and server CPU per push. On one host's shared
-memory the worker-side update costs about the same bytes as a Put of the gradient (bench/downpour.py measures it);
-across a network MPI float accumulates are not done by the NIC and this design is slower (the server-side design is
-an open issue). So servers stay passive: they only keep MPI progressing and wait until every worker has said it is
-done. Reads (fetches) use MPI_Get_accumulate(NO_OP), atomic per element against concurrent accumulates as the
-standard requires (`atomic_fetch=False` switches to plain MPI_Get; bench/downpour.py measures both).
+A push (worker w to shard s), one-sided:
+  1. credit: w reads s's head words and waits until DONE[w] == SEQ[w] (its previous push there is applied, so the
+     slot is free). No push is ever overwritten before it is applied, none is lost.
+  2. w Puts its gradient slice into inbox[w], then in one lock epoch Puts its header (the row) and, after a Flush,
+     sets SEQ[w] += 1 (and its CLOCK): whoever sees the new SEQ sees the slot and the header.
+  3. s, polling its words, sees SEQ[w] > DONE[w]: sets WRITING = VERSION + 1, applies SGD/momentum or Adagrad
+     (kernels/update.py, the server's threads) reading buffer VERSION % 2 and writing the other one, then sets
+     VERSION += 1, DONE[w] = SEQ[w] and copies the header into ROWS[w], in one lock epoch.
+A fetch of shard s reads VERSION (v), Gets buffer v % 2, then reads WRITING: the server began rewriting that
+buffer only if WRITING >= v + 2, so WRITING <= v + 1 means the copy is whole (a seqlock over two buffers; the reader
+retries otherwise, the server never waits for readers). A worker's fetch first waits for its own pushes to be applied
+(DONE[w] == SEQ[w]): it reads its own writes, so one worker is exactly the serial optimizer.
+
+Bytes on the wire per push: the gradient (4 bytes/parameter, 2 with bf16/fp16) plus ~250 bytes of header; per
+fetch: 4 bytes/parameter. The earlier design (workers computing the update and applying it with MPI accumulates)
+moved 12-25 bytes/parameter and serialised workers behind one lock per target across a network (README, bench/).
+
+Servers poll their own words, spinning (sched_yield) for `busy` seconds after the last push and then sleeping with
+exponential backoff up to `poll_max`: an idle server costs no core. Two-sided messages from the root worker carry
+what is not on the push path: the initial state (LOAD), a consistent snapshot of a shard for checkpoints (SNAP,
+answered between two updates) and the end of the run (END).
 """
 
 from __future__ import annotations
@@ -27,115 +39,235 @@ import numpy as np
 from mpi4py import MPI
 
 from hpcdnn import trace
+from hpcdnn.kernels import precision, update
 from hpcdnn.models.flat import shard_ranges
 from hpcdnn.mpi import control as ctl
-from hpcdnn.mpi.control import Control
 from hpcdnn.mpi.window import Window
+
+TAG_LOAD, TAG_SNAP, TAG_STATE, TAG_END = 7301, 7302, 7303, 7304
+
+
+class Backoff:
+    """Waiting for a word to change: yield the core, then sleep 50 us doubling to `cap` seconds."""
+
+    def __init__(self, cap: float = 0.002) -> None:
+        self.cap, self.sleep, self.waited = cap, 0.0, 0.0
+
+    def __call__(self) -> None:
+        if self.sleep == 0.0:
+            os.sched_yield()
+            self.sleep = 5e-5
+            return
+        time.sleep(self.sleep)
+        self.waited += self.sleep
+        self.sleep = min(self.cap, self.sleep * 2)
 
 
 class ParamServer:
-    """Collective constructor over roles.comm; afterwards servers call `serve()`, workers fetch and push."""
+    """Collective constructor over roles.comm; afterwards servers call `serve()`, workers post, fetch and report.
 
-    def __init__(self, roles, numel: int, *, adagrad: bool, atomic_fetch: bool = True) -> None:
-        self.roles, self.comm, self.numel, self.adagrad = roles, roles.comm, numel, adagrad
-        self.atomic_fetch = atomic_fetch
+    optimizer "sgd" (momentum, weight decay: torch.optim.SGD's step) or "adagrad" (torch.optim.Adagrad's), applied
+    by the servers. `rows`: rows of accounting to keep (>= workers; more when resuming with fewer workers).
+    `initial` (root worker only): (params, optimizer state or None, rows per shard or None) to start from.
+    """
+
+    def __init__(self, roles, numel: int, *, optimizer: str = "sgd", momentum: float = 0.0, weight_decay: float = 0.0,
+                 eps: float = 1e-10, push_dtype: str = "fp32", rows: int | None = None, initial=None) -> None:  # fmt: skip
+        self.roles, self.comm, self.numel = roles, roles.comm, numel
+        self.adagrad, self.momentum, self.weight_decay, self.eps = optimizer == "adagrad", momentum, weight_decay, eps
+        if push_dtype not in precision.DTYPES:
+            raise ValueError(f"--push_dtype={push_dtype}; expected one of {sorted(precision.DTYPES)}")
+        self.push_dtype, self.wire = push_dtype, np.dtype(precision.DTYPES[push_dtype])
         self.shards = shard_ranges(numel, len(roles.servers))  # shard i lives on rank roles.servers[i]
-        mine = self.shards[roles.index] if roles.is_server else (0, 0)
-        n_local = mine[1] - mine[0]
-        self.params = Window(n_local, np.float32, comm=self.comm)
-        self.sum_sq = Window(n_local if adagrad else 0, np.float32, comm=self.comm)
-        self.control = Control(self.comm, roles.servers[0], len(roles.workers))  # the control words (control.py)
+        self.layout = ctl.Layout(len(roles.workers), rows)
+        lo, hi = self.shards[roles.index] if roles.is_server else (0, 0)
+        self.n = hi - lo
+        W = len(roles.workers)
+        self.params = Window(2 * self.n, np.float32, comm=self.comm)
+        self.inbox = Window(W * self.n, self.wire, comm=self.comm)
+        self.words = Window(self.layout.size if roles.is_server else 0, np.int64, comm=self.comm)
+        self.version = 0
+        self.state = None
+        if roles.is_server:
+            self.state = np.zeros(self.n, np.float32) if self.adagrad or momentum else None
+            self.scratch = np.empty(self.n, np.float32) if push_dtype != "fp32" else None
+            self._receive_initial()
+        elif roles.is_root:
+            self._send_initial(*initial) if initial is not None else None
+        self.comm.Barrier()  # every shard holds its starting point before any worker fetches
 
-    # -- worker side
-    def fetch(self, out: np.ndarray) -> int:
-        """Copy the server-held parameters into `out` (flat, float32); returns the update count they are at least as new as."""
-        version = self.control.counter(ctl.APPLIED)
-        read = self.params.get_atomic if self.atomic_fetch else self.params.get
+    # ---- setup (two-sided, root -> servers)
+    def _send_initial(self, params: np.ndarray, state: np.ndarray | None, rows) -> None:
         for i, (server, (lo, hi)) in enumerate(zip(self.roles.servers, self.shards)):
-            if hi > lo:
-                with trace.span(f"fetch shard {i}", "comm", "comm", n=hi - lo):
-                    read(out[lo:hi], server)
-        return version
+            mine = np.zeros((self.layout.rows, ctl.ROW), np.int64)
+            if rows is not None:
+                saved = np.asarray(rows[i], np.int64)
+                mine[: saved.shape[0]] = saved
+            state_part = state[lo:hi] if state is not None else np.zeros(hi - lo, np.float32)
+            for part in (params[lo:hi], state_part):
+                self.comm.Send(np.ascontiguousarray(part, np.float32), dest=server, tag=TAG_LOAD)
+            self.comm.Send(mine, dest=server, tag=TAG_LOAD)
 
-    def pieces(self, chunk: int = 1 << 22):
-        """(server rank, lo, hi, offset in that server's shard) covering the flat vector in bounded pieces."""
-        for server, (lo, hi) in zip(self.roles.servers, self.shards):
-            for a in range(lo, hi, chunk):
-                yield server, a, min(hi, a + chunk), a - lo
+    def _receive_initial(self) -> None:
+        front = self.params.local[: self.n]
+        state = np.empty(self.n, np.float32)
+        rows = np.empty((self.layout.rows, ctl.ROW), np.int64)
+        root = self.roles.root
+        self.comm.Recv(front, source=root, tag=TAG_LOAD)
+        self.comm.Recv(state, source=root, tag=TAG_LOAD)
+        self.comm.Recv(rows, source=root, tag=TAG_LOAD)
+        if self.state is not None:
+            self.state[:] = state
+        self.words.local[self.layout.row0 :] = rows.reshape(-1)
+        self.params.sync()
+        self.words.sync()
 
-    def add_params(self, delta: np.ndarray, server: int, offset: int) -> None:
-        """params[offset:offset+len] += delta on `server`, element-wise atomic (MPI_Accumulate SUM)."""
-        self.params.accumulate(delta, server, offset)
+    # ---- worker side
+    def head(self, s: int) -> np.ndarray:
+        """Shard s's flags, SEQ, DONE and CLOCK words, each read atomically."""
+        return self.words.read(self.roles.servers[s], 0, self.layout.head)
 
-    def add_sum_sq(self, g2: np.ndarray, old: np.ndarray, server: int, offset: int) -> None:
-        """Atomically old = sum_sq[...]; sum_sq[...] += g2 on `server` (MPI_Get_accumulate SUM)."""
-        self.sum_sq.get_accumulate(g2, old, server, offset)
+    def wait_applied(self, s: int, worker: int, seq: int) -> np.ndarray:
+        """Wait until shard s has applied `seq` pushes of `worker` (its slot is free, its writes are visible); returns
+        the head words read last."""
+        wait = Backoff()
+        while (head := self.head(s))[self.layout.done + worker] < seq:
+            wait()
+        return head
 
-    # -- whole-vector access for initialisation and checkpoints (the root worker)
-    def load(self, params: np.ndarray, sum_sq: np.ndarray | None = None) -> None:
-        """Overwrite every shard (call before workers start, or while they are stopped)."""
-        for server, (lo, hi) in zip(self.roles.servers, self.shards):
-            if hi > lo:
-                self.params.put(np.ascontiguousarray(params[lo:hi], dtype=np.float32), server)
-                if self.adagrad:
-                    src = np.zeros(hi - lo, np.float32) if sum_sq is None else sum_sq[lo:hi]
-                    self.sum_sq.put(np.ascontiguousarray(src, dtype=np.float32), server)
+    def post(self, s: int, worker: int, grad: np.ndarray, row: np.ndarray, seq: int, clock: int) -> None:
+        """Put a gradient slice (already encoded to the push dtype) into worker's slot on shard s, then its header
+        and SEQ = seq (the caller has waited for its credit: shard s has applied seq - 1)."""
+        server, L = self.roles.servers[s], self.layout
+        self.inbox.put(grad, server, worker * self.n_of(s))
+        items = [(L.seq + worker, seq, MPI.REPLACE), (L.clock + worker, clock, MPI.REPLACE)]
+        self.words.put_then_update(row, server, L.posted(worker).start, items)
 
-    def snapshot(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """The whole server-held state (parameters and Adagrad accumulator), read atomically per element."""
-        params = np.empty(self.numel, np.float32)
-        self.fetch(params)
-        if not self.adagrad:
-            return params, None
-        acc = np.empty(self.numel, np.float32)
-        for server, (lo, hi) in zip(self.roles.servers, self.shards):
-            if hi > lo:
-                self.sum_sq.get_atomic(acc[lo:hi], server)
-        return params, acc
-
-    # -- server side
-    @trace.traced("serve", "comm", "comm")  # spans "spin" while pushes arrive; a counter of pushes applied
-    def serve(self, poll: float = 0.002, busy: float = 0.005) -> None:
-        """Keep MPI progressing until every worker has reported done; no collective a stalled worker could block.
-
-        Polling matters where the transport needs the target's help: with MPICH's shared-memory RMA each lock
-        epoch on this server waits for its next MPI call (Open MPI's osc/sm needs no help). So the server spins
-        while pushes are arriving (for `busy` seconds after the last one it saw) and sleeps `poll` between checks.
-        """
-        n_workers, seen, active, spinning = len(self.roles.workers), -1, time.monotonic(), trace.now()
+    def fetch_shard(self, s: int, out: np.ndarray) -> tuple[int, int]:
+        """Copy shard s's published parameters into `out`, never torn; returns (its version, retries)."""
+        server, n, retries = self.roles.servers[s], self.n_of(s), 0
         while True:
-            words = self.control.read(ctl.APPLIED, ctl.DONE - ctl.APPLIED + 1)
-            if words[ctl.DONE - ctl.APPLIED] >= n_workers:
-                trace.complete("spin", spinning, "comm", "comm")
-                return
-            self.comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)
-            now = time.monotonic()
-            if words[0] != seen:
-                seen, active = words[0], now
-                trace.counter("pushes applied", int(seen))
-                spinning = spinning or trace.now()
-            if now - active < busy:
-                os.sched_yield()
-            else:  # idle: the spin (pushes arriving) ends
-                trace.complete("spin", spinning, "comm", "comm")
-                spinning = 0
-                time.sleep(poll)
+            v = int(self.words.read(server, ctl.VERSION, 1)[0])
+            self.params.get(out, server, (v % 2) * n)
+            if int(self.words.read(server, ctl.WRITING, 1)[0]) <= v + 1:
+                return v, retries
+            retries += 1
+
+    def set_everywhere(self, index: int, value: int, op=MPI.REPLACE) -> None:
+        for server in self.roles.servers:
+            self.words.fetch_and_op(value, server, index, op=op)
+
+    def report(self, worker: int, row: np.ndarray) -> None:
+        """A finished worker's final row (its rejected pushes too) on every shard, its clock out of the way, and one
+        more FINISHED (call once every push of it has been applied)."""
+        L = self.layout
+        for server in self.roles.servers:
+            items = [(L.clock + worker, ctl.FINISHED_CLOCK, MPI.REPLACE), (ctl.FINISHED, 1, MPI.SUM)]
+            self.words.put_then_update(row, server, L.row(worker).start, items)
+
+    def n_of(self, s: int) -> int:
+        lo, hi = self.shards[s]
+        return hi - lo
+
+    def rows(self, s: int = 0) -> np.ndarray:
+        """Shard s's rows (every worker's accounting as of its last push applied there)."""
+        L = self.layout
+        return self.words.read(self.roles.servers[s], L.row0, L.size - L.row0).reshape(L.rows, ctl.ROW)
+
+    def summary(self, rows: np.ndarray | None = None) -> dict:
+        """Push and staleness counts for summary.json and the logs (control.summary), and the server count."""
+        return {**ctl.summary(self.rows() if rows is None else rows, self.layout.workers), "servers": len(self.roles.servers)}
 
     @trace.traced("wait for workers", "comm", "comm")
-    def wait_done(self, poll: float = 0.01, report=None) -> None:
-        """Root worker: wait until every worker has reported done."""
-        n_workers, last = len(self.roles.workers), time.monotonic()
-        while (done := self.control.counter(ctl.DONE)) < n_workers:
-            if report and time.monotonic() - last > 30:
-                report(f"waiting for {n_workers - done} worker(s) to finish")
-                last = time.monotonic()
-            time.sleep(poll)
+    def wait_done(self, report=None) -> None:
+        """Root worker: wait until every worker has finished on every shard."""
+        W, last = self.layout.workers, time.monotonic()
+        for server in self.roles.servers:
+            wait = Backoff(0.01)
+            while (done := int(self.words.read(server, ctl.FINISHED, 1)[0])) < W:
+                if report and time.monotonic() - last > 30:
+                    report(f"waiting for {W - done} worker(s) to finish")
+                    last = time.monotonic()
+                wait()
 
-    def summary(self) -> dict:
-        """Push and staleness counts for summary.json (control.summary) and the server count."""
-        return {**self.control.summary(), "servers": len(self.roles.servers)}
+    @trace.traced("snapshot", "comm", "comm")
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Root worker: every shard's parameters, optimizer state and rows, each shard taken between two updates
+        (two-sided: the server answers at its next poll). Returns (params, state or None, rows: shards x R x ROW)."""
+        params = np.empty(self.numel, np.float32)
+        state = np.empty(self.numel, np.float32) if self.adagrad or self.momentum else None
+        rows = np.empty((len(self.roles.servers), self.layout.rows, ctl.ROW), np.int64)
+        for i, (server, (lo, hi)) in enumerate(zip(self.roles.servers, self.shards)):
+            self.comm.Send(np.zeros(1, np.int64), dest=server, tag=TAG_SNAP)
+            self.comm.Recv(params[lo:hi], source=server, tag=TAG_STATE)
+            self.comm.Recv(state[lo:hi] if state is not None else np.empty(hi - lo, np.float32), source=server, tag=TAG_STATE)
+            self.comm.Recv(rows[i], source=server, tag=TAG_STATE)
+        return params, state, rows
+
+    def end(self) -> None:
+        """Root worker, after the last snapshot: every server leaves `serve()`."""
+        for server in self.roles.servers:
+            self.comm.Send(np.zeros(1, np.int64), dest=server, tag=TAG_END)
+
+    # ---- server side
+    @trace.traced("serve", "comm", "comm")
+    def serve(self, busy: float = 0.002, poll_max: float = 0.002) -> None:
+        """Apply pushes until the root worker says END; answer snapshots between updates. Spin (yielding) for `busy`
+        seconds after the last push, then back off to sleeps of up to `poll_max` seconds."""
+        L, W, me, root = self.layout, self.layout.workers, self.comm.Get_rank(), self.roles.root
+        start, idle_since, wait, status, msg = 0, time.monotonic(), Backoff(poll_max), MPI.Status(), np.empty(1, np.int64)
+        while True:
+            head = self.words.read(me, 0, L.head)
+            applied = 0
+            for i in range(W):  # round robin from a moving start: no worker is always served last
+                w = (start + i) % W
+                if head[L.seq + w] > head[L.done + w]:
+                    self._apply(w, int(head[L.seq + w]))
+                    applied += 1
+            start = (start + 1) % max(W, 1)
+            if self.comm.Iprobe(source=root, tag=MPI.ANY_TAG, status=status):
+                self.comm.Recv(msg, source=root, tag=status.Get_tag())
+                if status.Get_tag() == TAG_END:
+                    return
+                self._send_snapshot(root)
+            if applied:
+                idle_since, wait.sleep = time.monotonic(), 0.0
+                trace.counter("shard version", self.version)
+            elif time.monotonic() - idle_since < busy:
+                os.sched_yield()
+            else:
+                wait()
+
+    def _apply(self, w: int, seq: int) -> None:
+        """Apply worker w's posted push (number `seq`) to this shard and publish the result."""
+        L, n, me, v = self.layout, self.n, self.comm.Get_rank(), self.version
+        self.inbox.sync()
+        self.words.sync()
+        header = self.words.local[L.posted(w)].copy()
+        g = precision.decode(self.inbox.local[w * n : (w + 1) * n], self.scratch, self.push_dtype)
+        front, back = self.params.local[(v % 2) * n : (v % 2 + 1) * n], self.params.local[((v + 1) % 2) * n : ((v + 1) % 2 + 1) * n]
+        lr = -ctl.lr_of(header[ctl.LR])
+        with trace.span("apply", "comm", "comm", worker=w, n=n):
+            self.words.fetch_and_op(v + 1, me, ctl.WRITING, op=MPI.REPLACE)
+            if n:
+                if self.adagrad:
+                    update.adagrad(front, g, self.state, lr, eps=self.eps, weight_decay=self.weight_decay, out=back)
+                else:
+                    update.sgd(front, g, self.state, lr, momentum=self.momentum, weight_decay=self.weight_decay, out=back)
+            self.params.sync()
+            self.version = v + 1
+            items = [(ctl.VERSION, v + 1, MPI.REPLACE), (L.done + w, seq, MPI.REPLACE)]
+            items += [(L.row(w).start + k, int(x), MPI.REPLACE) for k, x in enumerate(header)]
+            self.words.update_many(me, items)
+
+    def _send_snapshot(self, root: int) -> None:
+        n, v = self.n, self.version
+        self.words.sync()
+        self.comm.Send(self.params.local[(v % 2) * n : (v % 2 + 1) * n], dest=root, tag=TAG_STATE)
+        self.comm.Send(self.state if self.state is not None else np.zeros(n, np.float32), dest=root, tag=TAG_STATE)
+        self.comm.Send(np.ascontiguousarray(self.layout.rows_of(self.words.local)), dest=root, tag=TAG_STATE)
 
     def free(self) -> None:
         """Collective over roles.comm: the final teardown."""
-        for w in (self.params, self.sum_sq, self.control):
+        for w in (self.params, self.inbox, self.words):
             w.free()

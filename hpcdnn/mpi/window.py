@@ -175,17 +175,6 @@ class Window(BaseWindow):
             w.Get_accumulate(self._buf(array, lo, hi), self._buf(out, lo, hi), target, [offset + lo, hi - lo, self.mpi_type], op=op)
         w.Unlock(target)
 
-    def read_exclusive(self, target: int, index: int, count: int) -> np.ndarray:
-        """Elements read under an exclusive lock: it waits for every shared epoch on `target` to end, so an
-        `update_many` epoch is seen whole or not at all (a consistent snapshot of counters updated together)."""
-        self._check(target, index, count)
-        out = np.empty(count, self.dtype)
-        self.win.Lock(target, MPI.LOCK_EXCLUSIVE)
-        for lo, hi in self._pieces(count):
-            self.win.Get(self._buf(out, lo, hi), target, [index + lo, hi - lo, self.mpi_type])
-        self.win.Unlock(target)
-        return out
-
     def update_many(self, target: int, items: list[tuple[int, object, object]]) -> None:
         """Several single-element accumulates [(index, value, op), ...] in one lock epoch (counters updated together)."""
         for index, _, _ in items:
@@ -196,6 +185,30 @@ class Window(BaseWindow):
         for (index, _, op), origin in zip(items, origins):
             w.Accumulate([origin, 1, self.mpi_type], target, [index, 1, self.mpi_type], op=op)
         w.Unlock(target)
+
+    def put_then_update(self, array: np.ndarray, target: int, offset: int, items: list[tuple[int, object, object]]) -> None:
+        """Put `array` at `offset`, then, once it has arrived (Flush), the single-element accumulates `items`, in one
+        lock epoch: a rank that sees the updated words sees the array (a message and its doorbell)."""
+        self._check(target, offset, array.size)
+        for index, _, _ in items:
+            self._check(target, index, 1)
+        w = self.win
+        origins = [np.array([value], self.dtype) for _, value, _ in items]
+        w.Lock(target, MPI.LOCK_SHARED)
+        for lo, hi in self._pieces(array.size):
+            w.Put(self._buf(array, lo, hi), target, [offset + lo, hi - lo, self.mpi_type])
+        w.Flush(target)
+        for (index, _, op), origin in zip(items, origins):
+            w.Accumulate([origin, 1, self.mpi_type], target, [index, 1, self.mpi_type], op=op)
+        w.Unlock(target)
+
+    def sync(self) -> None:
+        """A memory barrier on this rank's own part (MPI_Win_sync in a lock epoch on itself): writes that other ranks
+        completed are visible to this rank's loads, and this rank's stores to their Gets."""
+        me = self.comm.Get_rank()
+        self.win.Lock(me, MPI.LOCK_SHARED)
+        self.win.Sync()
+        self.win.Unlock(me)
 
 
 class SharedWindow(BaseWindow):

@@ -10,6 +10,8 @@ accumulator, the control words with every worker's position) while the others ke
 
 from __future__ import annotations
 
+import numpy as np
+
 from hpcdnn import checkpoint as ck
 from hpcdnn import trace
 from hpcdnn.topologies.base import Run, restore_rng
@@ -37,24 +39,39 @@ class Downpour(SGD):
         from hpcdnn.mpi.param_server import ParamServer
 
         cfg, roles, saved = run.cfg, run.roles, run.saved
-        self.ps = ParamServer(roles, run.flat.numel, adagrad=cfg.optimizer == "adagrad", atomic_fetch=cfg.atomic_fetch)
+        state_name = "sum_sq" if cfg.optimizer == "adagrad" else "momentum_buffer"
+        rows = resume = None
+        if saved:
+            if "ps_rows" not in saved.state:
+                raise ValueError(
+                    "this Downpour checkpoint was written before the servers applied the updates (its counters are the old "
+                    "layout); it cannot be resumed by this version: start a new --run_dir"
+                )
+            rows = np.array(saved.state["ps_rows"], np.int64)  # shards x rows x ROW
+            if rows.shape[0] != cfg.servers:
+                raise ValueError(
+                    f"the checkpoint was written with --servers={rows.shape[0]}, now {cfg.servers}; resume with the same --servers"
+                )
+            resume = ctl.resume_rows(rows)
+        initial = None
         if roles.is_root:  # the servers hold the starting point before any worker fetches
             if saved:
-                self.ps.load(saved.params, saved.optim.get("sum_sq"))
-                self.ps.control.restore(ctl.for_resume(saved.state["ps_counters"], len(roles.workers)))
+                initial = saved.params, saved.optim.get(state_name), rows
             else:
-                self.ps.load(run.flat.data.detach().cpu().numpy())
-        roles.comm.Barrier()
-        self.run, self.cfg = run, cfg
+                initial = run.flat.data.detach().cpu().numpy(), None, None
+        self.ps = ParamServer(roles, run.flat.numel, optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                              eps=cfg.adagrad_eps, push_dtype=cfg.push_dtype, rows=None if rows is None else rows.shape[1],
+                              initial=initial)  # fmt: skip
+        self.run, self.cfg, self.state_name = run, cfg, state_name
+        self.rows = resume
         if roles.is_server:
             return
         super().__init__(run)
         from hpcdnn.mpi.downpour import DownpourWorker
 
-        self.worker = DownpourWorker(self.ps, run.flat, cfg, roles.index)
-        if saved:  # every worker continues its own counts and position
-            row = ctl.worker_row(saved.state["ps_counters"], roles.index)
-            self.worker.sent, self.worker.steps = int(row[ctl.SENT]), int(row[ctl.STEPS])
+        row = resume[roles.index] if resume is not None and roles.index < resume.shape[0] else None
+        self.worker = DownpourWorker(self.ps, run.flat, cfg, roles.index, row=row)
+        if saved:
             restore_rng(saved, run.rank, per_rank=False)
         self.worker.start(resumed=saved is not None)
 
@@ -62,12 +79,19 @@ class Downpour(SGD):
         self.ps.serve()
 
     def position(self, saved) -> tuple[int, int, int]:
+        """Where this worker resumes: its own row (steps, epoch, batch). A worker the checkpoint did not have starts
+        at step 0 at the beginning of the epoch the slowest old worker was in."""
         from hpcdnn.mpi import control as ctl
 
-        if not saved or self.run.is_root:
+        if not saved:
             return super().position(saved)
-        row = ctl.worker_row(saved.state["ps_counters"], self.run.rank)
-        return int(row[ctl.STEPS]), int(row[ctl.EPOCH]), int(row[ctl.BATCH])
+        rows, w = self.rows, self.run.roles.index
+        if w < rows.shape[0] and rows[w, ctl.SENT] > 0:
+            if self.run.is_root:
+                return super().position(saved)
+            return int(rows[w, ctl.STEPS]), int(rows[w, ctl.EPOCH]), int(rows[w, ctl.BATCH])
+        active = rows[rows[:, ctl.SENT] > 0]
+        return 0, int(active[:, ctl.EPOCH].min()) if active.size else saved.epoch, 0
 
     def apply(self, lr: float, epoch: int, next_batch: int) -> None:
         self.worker.step(lr, epoch, next_batch)
@@ -80,7 +104,7 @@ class Downpour(SGD):
         return self.worker.stop_requested()
 
     def log_fields(self) -> dict:
-        s = self.ps.control.summary()
+        s = self.ps.summary()
         return {"pushes_applied": s["pushes_applied"], "staleness_mean": s["staleness_mean"]}
 
     def refresh(self) -> None:
@@ -89,14 +113,13 @@ class Downpour(SGD):
     def state(self):
         if not self.run.is_root:
             return None
-        # Counters first, then parameters: every push counted is in the parameters (its count is written after its
-        # updates); a push that lands in between is in the parameters but not counted, so its worker redoes that step
-        # after a resume: at least once, never lost, and sent == applied + rejected stays exact. (A stop, unlike a
-        # periodic checkpoint, waits for every worker and is exact.)
-        counters = self.ps.control.snapshot()
-        params, sum_sq = self.ps.snapshot()
-        optim = {"sum_sq": sum_sq} if sum_sq is not None else {}
-        extra = {"ps_counters": [int(x) for x in counters], "optimizer_steps": 0}
+        # Each shard is taken between two of its updates, with the rows of the pushes it holds; shards may differ by
+        # pushes in flight. A resume starts every worker from the shard that had applied the fewest of its pushes
+        # (control.resume_rows): a push caught half-applied is redone, so some shards apply it twice; none is lost,
+        # and the counts stay exact (sent == applied + rejected). After a stop, every push is everywhere: exact.
+        params, state, rows = self.ps.snapshot()
+        optim = {self.state_name: state} if state is not None else {}
+        extra = {"ps_rows": rows.tolist(), "optimizer_steps": 0}
         return params, optim, extra, ck.capture_rng()
 
     def finish(self, epoch: int, pos: int) -> None:
@@ -105,7 +128,7 @@ class Downpour(SGD):
             self.ps.wait_done(report=lambda m: print(f"hpcdnn: {m}", flush=True))
 
     def images(self, step: int) -> int:
-        return sum(self.ps.control.summary()["worker_steps"]) * self.cfg.batch_size
+        return sum(self.ps.summary()["worker_steps"]) * self.cfg.batch_size
 
     def summary(self) -> dict:
         return self.ps.summary() if self.run.is_root else {}
@@ -113,4 +136,6 @@ class Downpour(SGD):
     def close(self) -> None:
         if not self.run.is_server:
             super().close()
+        if self.run.is_root:
+            self.ps.end()
         self.ps.free()

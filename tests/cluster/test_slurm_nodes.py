@@ -276,7 +276,7 @@ def test_lost_node_requeues_the_job_which_resumes_and_finishes(slurm, dataset, n
     the job requeues itself; Slurm starts it again once it has marked the node DOWN (SlurmdTimeout), on the other three
     nodes; the second run resumes from the last periodic checkpoint and finishes with every push accounted for."""
     run = tmp_path / "run"
-    args = [*ARGS, "--max_steps=16", "--checkpoint_every=2", "--log_every=2", "--optimizer=sgd", "--atomic_fetch=false"]
+    args = [*ARGS, "--max_steps=16", "--checkpoint_every=2", "--log_every=2", "--optimizer=sgd"]
     jid = slurm.sbatch("train_downpour.sbatch", *args, opts=("--nodes=3", "--cpus-per-task=1"), env=train_env(dataset, run))
     slurm.wait_until(lambda: (run / "metrics.jsonl").exists() and _checkpoint_step(run) > 0, 180, "a periodic checkpoint", jid)
     where, batch_host = ranks((slurm.tmp / f"slurm-{jid}.out").read_text()), slurm.show(jid)["BatchHost"]

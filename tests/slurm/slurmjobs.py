@@ -10,8 +10,10 @@ before importing a second conftest.py, so theirs would resolve to this one. Test
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -129,6 +131,12 @@ class Slurm:
         for _ in range(8):  # descendants, a few generations deep
             keep |= {r[0] for r in rows if len(r) == 5 and r[1] in keep}
         mine = "\n".join(" ".join(r) for r in rows if len(r) == 5 and r[0] in keep)
+        ranks = [int(r[0]) for r in rows if len(r) == 5 and r[0] in keep and "hpcdnn train" in r[4]]
+        for pid in ranks:  # a hung rank prints every thread's Python stack (cli.py's SIGUSR2 faulthandler) into the output
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGUSR2)
+        if ranks:
+            time.sleep(3)
         return f"--- job {jid}: {state}\n--- steps:\n{steps}--- processes:\n{mine}\n{self.out(jid)}"
 
     def cancel_all(self) -> None:
