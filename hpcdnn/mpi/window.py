@@ -11,7 +11,8 @@ in elements; large transfers are cut into pieces below MPI's 2^31-element count 
 
 - `Window`: every operation is one short epoch, shared lock -> operation -> unlock, so the data has reached the
   target (or the origin buffer) when the call returns, no rank ever holds a lock across compute, and nobody takes an
-  exclusive lock. It has the bulk transfers (put, get, accumulate, ...) and the single-element operations.
+  exclusive lock. Threads of one process take turns (a mutex per window): MPI forbids two concurrent lock epochs of
+  one process on one window, and MPICH asserts on it (Downpour's --overlap thread and the main thread share windows). It has the bulk transfers (put, get, accumulate, ...) and the single-element operations.
 - `SharedWindow`: one shared `Lock_all` epoch from creation to `free`; an operation is op + Flush. Only the
   single-element operations exist on it: a method taking its own Lock inside Lock_all would be erroneous MPI.
 
@@ -19,6 +20,8 @@ Both share `BaseWindow` (allocation, bounds checks, the single-element operation
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 from mpi4py import MPI
@@ -39,6 +42,7 @@ class BaseWindow:
         self._win = MPI.Win.Allocate(int(count) * self.dtype.itemsize, self.dtype.itemsize, comm=comm)
         self.local = np.frombuffer(self._win.tomemory(), dtype=self.dtype, count=int(count)) if count else np.empty(0, self.dtype)
         self.local[:] = 0
+        self._mutex = threading.Lock()  # Window: serialises this process's epochs (a comm thread and the main thread)
         self.counts = comm.allgather(int(count))  # each rank's part, to check offsets before MPI sees them
         comm.Barrier()  # everyone's part is zeroed before anyone reads it
 
@@ -124,56 +128,64 @@ class Window(BaseWindow):
     """A window whose every operation is its own shared-lock epoch (lock -> operation -> unlock)."""
 
     def _start(self, target: int) -> None:
-        self.win.Lock(target, MPI.LOCK_SHARED)
+        self._mutex.acquire()  # one epoch per window at a time in this process: a second thread's Lock would be erroneous MPI
+        try:
+            self.win.Lock(target, MPI.LOCK_SHARED)
+        except BaseException:
+            self._mutex.release()
+            raise
 
     def _complete(self, target: int) -> None:
-        self.win.Unlock(target)
+        try:
+            self.win.Unlock(target)
+        finally:
+            self._mutex.release()
 
     # -- bulk transfers (one lock epoch each)
     def put(self, array: np.ndarray, target: int, offset: int = 0) -> None:
         """Overwrite target's elements [offset, offset+len) (not atomic against concurrent accumulates)."""
         self._check(target, offset, array.size)
         w = self.win
-        w.Lock(target, MPI.LOCK_SHARED)
+        self._start(target)
         for lo, hi in self._pieces(array.size):
             w.Put(self._buf(array, lo, hi), target, [offset + lo, hi - lo, self.mpi_type])
-        w.Unlock(target)
+        self._complete(target)
 
     def get(self, out: np.ndarray, target: int, offset: int = 0) -> None:
         """Plain MPI_Get into `out`: fastest; per-element atomicity against accumulates is not guaranteed by MPI."""
         self._check(target, offset, out.size)
         w = self.win
-        w.Lock(target, MPI.LOCK_SHARED)
+        self._start(target)
         for lo, hi in self._pieces(out.size):
             w.Get(self._buf(out, lo, hi), target, [offset + lo, hi - lo, self.mpi_type])
-        w.Unlock(target)
+        self._complete(target)
 
     def get_atomic(self, out: np.ndarray, target: int, offset: int = 0) -> None:
         """MPI_Get_accumulate with NO_OP (the origin is ignored): each element is read atomically against concurrent accumulates."""
         self._check(target, offset, out.size)
         w = self.win
-        w.Lock(target, MPI.LOCK_SHARED)
+        self._start(target)
         for lo, hi in self._pieces(out.size):
             w.Get_accumulate(self._buf(out, lo, hi), self._buf(out, lo, hi), target, [offset + lo, hi - lo, self.mpi_type], op=MPI.NO_OP)
-        w.Unlock(target)
+        self._complete(target)
 
     def accumulate(self, array: np.ndarray, target: int, offset: int = 0, op=MPI.SUM) -> None:
         """Element-wise atomic target[offset+i] = op(target[offset+i], array[i]); concurrent accumulates never lose one."""
         self._check(target, offset, array.size)
         w = self.win
-        w.Lock(target, MPI.LOCK_SHARED)
+        self._start(target)
         for lo, hi in self._pieces(array.size):
             w.Accumulate(self._buf(array, lo, hi), target, [offset + lo, hi - lo, self.mpi_type], op=op)
-        w.Unlock(target)
+        self._complete(target)
 
     def get_accumulate(self, array: np.ndarray, out: np.ndarray, target: int, offset: int = 0, op=MPI.SUM) -> None:
         """Atomically out[i] = target[offset+i]; target[offset+i] = op(target[offset+i], array[i])."""
         self._check(target, offset, array.size)
         w = self.win
-        w.Lock(target, MPI.LOCK_SHARED)
+        self._start(target)
         for lo, hi in self._pieces(array.size):
             w.Get_accumulate(self._buf(array, lo, hi), self._buf(out, lo, hi), target, [offset + lo, hi - lo, self.mpi_type], op=op)
-        w.Unlock(target)
+        self._complete(target)
 
     def update_many(self, target: int, items: list[tuple[int, object, object]]) -> None:
         """Several single-element accumulates [(index, value, op), ...] in one lock epoch (counters updated together)."""
@@ -181,10 +193,10 @@ class Window(BaseWindow):
             self._check(target, index, 1)
         w = self.win
         origins = [np.array([value], self.dtype) for _, value, _ in items]
-        w.Lock(target, MPI.LOCK_SHARED)
+        self._start(target)
         for (index, _, op), origin in zip(items, origins):
             w.Accumulate([origin, 1, self.mpi_type], target, [index, 1, self.mpi_type], op=op)
-        w.Unlock(target)
+        self._complete(target)
 
     def put_then_update(self, array: np.ndarray, target: int, offset: int, items: list[tuple[int, object, object]]) -> None:
         """Put `array` at `offset`, then, once it has arrived (Flush), the single-element accumulates `items`, in one
@@ -194,21 +206,21 @@ class Window(BaseWindow):
             self._check(target, index, 1)
         w = self.win
         origins = [np.array([value], self.dtype) for _, value, _ in items]
-        w.Lock(target, MPI.LOCK_SHARED)
+        self._start(target)
         for lo, hi in self._pieces(array.size):
             w.Put(self._buf(array, lo, hi), target, [offset + lo, hi - lo, self.mpi_type])
         w.Flush(target)
         for (index, _, op), origin in zip(items, origins):
             w.Accumulate([origin, 1, self.mpi_type], target, [index, 1, self.mpi_type], op=op)
-        w.Unlock(target)
+        self._complete(target)
 
     def sync(self) -> None:
         """A memory barrier on this rank's own part (MPI_Win_sync in a lock epoch on itself): writes that other ranks
         completed are visible to this rank's loads, and this rank's stores to their Gets."""
         me = self.comm.Get_rank()
-        self.win.Lock(me, MPI.LOCK_SHARED)
+        self._start(me)
         self.win.Sync()
-        self.win.Unlock(me)
+        self._complete(me)
 
 
 class SharedWindow(BaseWindow):

@@ -2,10 +2,10 @@
 
     mpirun -n 4 python -m mpi4py -m hpcdnn train --config fashion_downpour --servers=1
 
-Server ranks only serve (hpcdnn/mpi/param_server.py) until every worker reports done; each worker runs the SGD step
-loop and hands every gradient to its DownpourWorker (hpcdnn/mpi/downpour.py: push every n_push, fetch every
-n_fetch). The root worker logs, evaluates and checkpoints a snapshot of the servers (parameters, Adagrad
-accumulator, the control words with every worker's position) while the others keep pushing.
+Server ranks serve (hpcdnn/mpi/param_server.py: they apply every push to their shard) until the root worker ends
+them; each worker runs the SGD step loop and hands every gradient to its DownpourWorker (hpcdnn/mpi/downpour.py:
+push every n_push, fetch every n_fetch). The root worker logs, evaluates and checkpoints a snapshot of the servers
+(parameters, optimizer state, every worker's row: position and counts) while the others keep pushing.
 """
 
 from __future__ import annotations

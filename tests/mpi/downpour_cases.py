@@ -143,9 +143,11 @@ def nan_push(out: Path) -> None:
 def stalled_worker(out: Path) -> None:
     """1 server, 2+ workers pushing for a fixed time; the test SIGSTOPs the last worker for a while.
 
-    Every worker writes its pid; the root records (time, applied pushes) after each of its own pushes.
+    Every worker writes its pid; the root records (time, shard version) after each of its own pushes. max_staleness=8
+    (drop): worker 1 also stalls 1 s between its 6th gradient and push (SIGSTOP may hit it between a push and a
+    fetch, where a stall costs no staleness); that push is far staler, dropped, and the worker re-fetches and goes on.
     """
-    cfg = Config(optimizer="adagrad", weight_decay=0.0)
+    cfg = Config(optimizer="adagrad", weight_decay=0.0, max_staleness=8)
     roles, model, flat, ps = setup(1, cfg)
     if roles.is_server:
         ps.serve()
@@ -157,6 +159,8 @@ def stalled_worker(out: Path) -> None:
         while time.time() < t_end:
             x, y = batch(k, roles.index)
             grad_step(model, flat, x, y)
+            if roles.index == 1 and k == 5:
+                time.sleep(1.0)  # a stall between fetch and push, whatever SIGSTOP hits: this push is stale
             worker.step(0.01, 0, k + 1)
             k += 1
             if roles.is_root:

@@ -177,7 +177,8 @@ def test_nan_push_is_rejected(tmp_path):
 
 
 def test_stalled_worker_does_not_stop_the_others(tmp_path):
-    """SIGSTOP one of two workers for 3 s: the server keeps applying the other's pushes; afterwards all finish."""
+    """SIGSTOP one of two workers for 3 s: the server keeps applying the other's pushes; afterwards all finish, and
+    the frozen worker's stale push is dropped once (max_staleness=8) and it goes on pushing."""
     cmd = [*mpirun(3), sys.executable, "-m", "mpi4py", str(CASES), "stalled_worker", str(tmp_path)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "DURATION": "9"})
     try:
@@ -203,6 +204,8 @@ def test_stalled_worker_does_not_stop_the_others(tmp_path):
     assert len(during) >= 10 and during[-1] - during[0] >= 10, "the server stopped applying while a worker was frozen"
     assert r["pushes_sent"] == r["pushes_applied"] + r["pushes_rejected"]
     assert min(r["worker_steps"]) > 0
+    frozen = r["worker_pushes"][1]  # dropped as stale after the stall, told, re-fetched: not starved
+    assert frozen["rejected"] >= 1 and frozen["applied"] > 10 * frozen["rejected"], frozen
 
 
 def test_error_on_every_rank_aborts_instead_of_hanging(fashion_tiny, tmp_path):
