@@ -1,13 +1,18 @@
-"""The rank side of bench/network.py: run under the virtual cluster's launcher, one rank per node (3 nodes).
+"""The rank side of bench/network.py: run under the virtual cluster's launcher, one rank per node (3 nodes) or as the
+host list says.
 
     <vc.mpirun([n2, n3, n4])> python -m mpi4py bench/network_case.py vector --floats N --repeats R
     <vc.mpirun([n2, n3, n4])> python -m mpi4py bench/network_case.py train --batch B --steps S --repeats R
+    <vc.mpirun([n2, n3, n3])> python -m mpi4py bench/network_case.py downpour --design server|worker [--overlap] ...
 
-vector: Downpour's real push and fetch (ParamServer + DownpourWorker.push/fetch, fashion_downpour's Adagrad config)
-        of an N-float vector, rank 0 serving and rank 1 working (rank 2 waits), with a Put of the same vector
-        beside them (the push of a server-side update); then an in-place Allreduce of N floats over all 3 ranks.
-        Bytes on the wire come from the node's own eth0 counters, read around every operation.
-train:  images/s of alexnet_small (network_train.py).
+vector:   the push and fetch of an N-float vector, rank 0 serving and rank 1 working (rank 2 waits), fashion_downpour's
+          Adagrad (weight decay 5e-4), for three designs one after the other: the server-side update (ParamServer +
+          DownpourWorker.push/fetch) with an fp32 and a bf16 push, and the deleted worker-side update (WorkerSide
+          below: Get_accumulate(SUM) of g^2, Accumulate of the step, Get_accumulate(NO_OP) fetch), with a Put of the
+          same vector beside it; then an in-place Allreduce of N floats over all 3 ranks. Bytes on the wire come from
+          the node's own eth0 counters, read around every operation.
+train:    images/s of alexnet_small, local and allreduce vs DDP (network_train.py).
+downpour: images/s of alexnet_small, rank 0 serving and the others training, either design (network_train.py).
 Rank 0 prints one line `RESULT {json}`. Ranks that have nothing to do wait in a sleeping Ibarrier, so they leave
 the 2 shared cores to the ranks that work (an MPI Barrier spins).
 """
@@ -25,6 +30,7 @@ import numpy as np
 from mpi4py import MPI
 
 NET = "/sys/class/net/eth0/statistics"  # inside a node's namespace: that node's end of its link
+APPLIED, DONE = 0, 1  # WorkerSide's words on the server
 
 
 def node_bytes() -> tuple[int, int]:
@@ -54,68 +60,165 @@ def load1() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def warm_kernels() -> None:
-    """Compile the push's Numba kernels on a few elements, so no timed push pays for the JIT."""
-    from hpcdnn.kernels import update
+class WorkerSide:
+    """The worker-side Downpour of commit a0b95ac, compact, as the baseline: `server` holds the parameters and
+    Adagrad's sum of squares in Win.Allocate windows and two counters; a worker computes the update and applies it.
 
-    g, a, b = (np.ones(64, np.float32) for _ in range(3))
-    update.square_kernel(g, a)
-    update.adagrad_delta_kernel(g, b, np.float32(-1e-3), np.float32(1e-10))
-    update.axpy(g, a, 5e-4)
-    update.grad_is_finite(g)
+    push: g += wd * params; sum_sq += g^2 (MPI_Get_accumulate SUM, returning the old sum); params += -lr g /
+    (sqrt(old + g^2) + eps) (MPI_Accumulate SUM); APPLIED += 1. fetch: MPI_Get_accumulate(NO_OP) of the parameters.
+    The server only keeps MPI progressing (spinning while pushes arrive, then sleeping) until every worker is done.
+    """
+
+    CHUNK = 1 << 22  # elements per piece of a push (the old DownpourWorker's)
+
+    def __init__(self, comm, server: int, n: int, weight_decay: float, eps: float) -> None:
+        from hpcdnn.mpi.window import Window
+
+        self.comm, self.server, self.n, self.wd, self.eps = comm, server, n, np.float32(weight_decay), np.float32(eps)
+        here = n if comm.Get_rank() == server else 0
+        self.params, self.sum_sq = Window(here, np.float32, comm=comm), Window(here, np.float32, comm=comm)
+        self.words = Window(2 if comm.Get_rank() == server else 0, np.int64, comm=comm)
+        self.a, self.b = np.empty(min(n, self.CHUNK), np.float32), np.empty(min(n, self.CHUNK), np.float32)
+
+    def load(self, params: np.ndarray) -> None:
+        self.params.put(np.ascontiguousarray(params, np.float32), self.server)
+
+    def push(self, g: np.ndarray, host: np.ndarray, lr: float) -> None:
+        """Weight decay toward the fetched parameters, then the Adagrad step applied with accumulates, piece by piece."""
+        g += self.wd * host
+        for lo in range(0, self.n, self.CHUNK):
+            hi = min(self.n, lo + self.CHUNK)
+            a, b, gs = self.a[: hi - lo], self.b[: hi - lo], g[lo:hi]
+            np.multiply(gs, gs, out=a)
+            self.sum_sq.get_accumulate(a, b, self.server, lo)  # b = the sum before this push
+            b += a
+            np.sqrt(b, out=b)
+            b += self.eps
+            np.divide(gs, b, out=b)
+            b *= np.float32(-lr)
+            self.params.accumulate(b, self.server, lo)
+        self.words.fetch_and_op(1, self.server, APPLIED)
+
+    def fetch(self, out: np.ndarray) -> int:
+        version = self.words.read(self.server, APPLIED, 1)[0]
+        self.params.get_atomic(out, self.server)
+        return int(version)
+
+    def done(self) -> None:
+        self.words.fetch_and_op(1, self.server, DONE)
+
+    def serve(self, workers: int, poll: float = 0.002, busy: float = 0.005) -> None:
+        """Until `workers` have said done: spin (yielding) while pushes arrive, else sleep `poll` between checks."""
+        me, seen, active = self.comm.Get_rank(), -1, time.monotonic()
+        while True:
+            words = self.words.read(me, 0, 2)
+            if words[DONE] >= workers:
+                return
+            self.comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)
+            if words[APPLIED] != seen:
+                seen, active = words[APPLIED], time.monotonic()
+            if time.monotonic() - active < busy:
+                os.sched_yield()
+            else:
+                time.sleep(poll)
+
+    def free(self) -> None:
+        for w in (self.params, self.sum_sq, self.words):
+            w.free()
 
 
-def downpour_vector(comm, n: int, repeats: int) -> dict | None:
-    """Rank 0 serves, rank 1 pushes and fetches n floats `repeats` times (interleaved with a Put); rank 1 returns them."""
-    import torch
+class Flat:
+    """All a DownpourWorker reads of a model: its flat parameter and gradient vectors (numpy, on the CPU)."""
 
+    def __init__(self, data: np.ndarray, grad: np.ndarray) -> None:
+        import torch
+
+        self.numel, self.device, self.data, self.grad = data.size, torch.device("cpu"), data, grad
+
+    def to_numpy(self, grad: bool = False) -> np.ndarray:
+        return self.grad if grad else self.data
+
+
+def timed_pairs(push, fetch, grad, grad0, repeats: int) -> dict:
+    """One untimed push + fetch (JIT, connections), then `repeats` timed pairs; medians per operation."""
+    runs: dict[str, list] = {"push": [], "fetch": []}
+    for k in range(repeats + 1):
+        grad[:] = grad0  # the worker-side push adds weight decay into its gradient in place
+        p, f = measured(push), measured(fetch)
+        if k:
+            runs["push"].append(p)
+            runs["fetch"].append(f)
+    return {k: median_run(v) | {"load": load1()} for k, v in runs.items()}
+
+
+def server_side(sub, n: int, repeats: int, push_dtype: str) -> dict | None:
+    """The library's Downpour: rank 0 of `sub` serves and applies Adagrad, rank 1 pushes (Put into its inbox slot)
+    and fetches (seqlocked Get of the published buffer); the fetch waits until the push is applied."""
     from hpcdnn.config import load_config
-    from hpcdnn.mpi import control as ctl
     from hpcdnn.mpi.downpour import DownpourWorker
     from hpcdnn.mpi.param_server import ParamServer
     from hpcdnn.mpi.roles import split_roles
 
-    sub = comm.Split(0 if comm.Get_rank() < 2 else MPI.UNDEFINED, comm.Get_rank())
-    if sub == MPI.COMM_NULL:
-        return None
-    cfg = load_config("fashion_downpour")  # Adagrad, weight decay 5e-4, atomic fetch, n_push = n_fetch = 1
+    cfg = load_config("fashion_downpour")
     roles = split_roles(sub, 1)
-    ps = ParamServer(roles, n, adagrad=cfg.optimizer == "adagrad", atomic_fetch=cfg.atomic_fetch)
-    sub.Barrier()
+    host = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    ps = ParamServer(roles, n, optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                     eps=cfg.adagrad_eps, push_dtype=push_dtype, initial=(host, None, None) if roles.is_root else None)  # fmt: skip
     out = None
     if roles.is_server:
         ps.serve()
     else:
-        warm_kernels()
-        host = np.random.default_rng(0).standard_normal(n).astype(np.float32)
         grad0 = host * np.float32(1e-3)
-        grad = np.empty_like(grad0)
-        ps.load(host)
-
-        class Flat:  # all a DownpourWorker reads of a model: its flat vectors
-            numel, device = n, torch.device("cpu")
-
-            def to_numpy(self, grad=False, _g=grad, _h=host):
-                return _g if grad else _h
-
-        worker = DownpourWorker(ps, Flat(), cfg, 0)
+        grad = grad0.copy()
+        worker = DownpourWorker(ps, Flat(host, grad), cfg, 0)
         worker.start(resumed=False)
 
         def push() -> None:  # what DownpourWorker.step does after backward with n_push = 1, minus the fetch
             worker.acc_view, worker.pending, worker.steps = grad, 1, worker.steps + 1
-            worker.push(cfg.lr, 0, worker.steps)  # counts the push with the worker's row, as in training
+            worker.push(cfg.lr, 0, worker.steps)
 
-        ops = {"push": push, "fetch": worker.fetch, "put": lambda: ps.params.put(grad, roles.servers[0])}
-        runs: dict[str, list] = {k: [] for k in ops}
-        for _ in range(repeats):
-            for name, op in ops.items():
-                grad[:] = grad0  # the push adds weight decay into its gradient in place
-                runs[name].append(measured(op))
+        out = timed_pairs(push, worker.fetch, grad, grad0, repeats)
         worker.finish(cfg.lr, 0, worker.steps)
-        assert ps.control.counter(ctl.APPLIED) == repeats, "a push was not applied: a bug, please report"
-        out = {k: median_run(v) | {"load": load1()} for k, v in runs.items()}
+        ps.wait_done()
+        summary = ps.summary()
+        assert summary["pushes_applied"] == repeats + 1, f"a push was not applied: {summary}; a bug, please report"
+        ps.end()
     ps.free()
     roles.free()
+    return out
+
+
+def worker_side(sub, n: int, repeats: int) -> dict | None:
+    """The deleted design (WorkerSide) on the same vector, and a plain Put of it (a server-side push's payload)."""
+    from hpcdnn.config import load_config
+
+    cfg = load_config("fashion_downpour")
+    ws = WorkerSide(sub, 0, n, cfg.weight_decay, cfg.adagrad_eps)
+    out = None
+    if sub.Get_rank() == 0:
+        ws.serve(1)
+    else:
+        host = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+        ws.load(host)
+        grad0 = host * np.float32(1e-3)
+        grad = grad0.copy()
+        out = timed_pairs(lambda: ws.push(grad, host, cfg.lr), lambda: ws.fetch(host), grad, grad0, repeats)
+        out["put"] = timed_pairs(lambda: ws.params.put(grad, 0), lambda: None, grad, grad0, repeats)["push"]
+        ws.done()
+    ws.free()
+    return out
+
+
+def downpour_vector(comm, n: int, repeats: int) -> dict | None:
+    """Ranks 0 (server) and 1 (worker): the three designs in turn; rank 1 returns {design: {push, fetch[, put]}}."""
+    from hpcdnn.placement import set_threads
+
+    set_threads(1)  # the server's update kernels: one thread, as the worker's
+    sub = comm.Split(0 if comm.Get_rank() < 2 else MPI.UNDEFINED, comm.Get_rank())
+    if sub == MPI.COMM_NULL:
+        return None
+    out = {"server fp32": server_side(sub, n, repeats, "fp32"), "server bf16": server_side(sub, n, repeats, "bf16"),
+           "worker-side": worker_side(sub, n, repeats)}  # fmt: skip
     sub.Free()
     return out
 
@@ -142,12 +245,13 @@ def allreduce_vector(comm, n: int, repeats: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=("vector", "train"))
+    ap.add_argument("mode", choices=("vector", "train", "downpour"))
     ap.add_argument("--floats", type=int, default=1 << 20, help="vector: float32 elements pushed, fetched, reduced")
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; the median is kept")
-    ap.add_argument("--batch", type=int, default=32, help="train: images per rank per step")
-    ap.add_argument("--steps", type=int, default=4, help="train: timed steps per repetition")
-    ap.add_argument("--downpour-steps", type=int, default=3, help="train: timed Downpour steps per worker")
+    ap.add_argument("--repeats", type=int, default=3, help="repetitions; the median is kept")
+    ap.add_argument("--batch", type=int, default=32, help="train, downpour: images per rank per step")
+    ap.add_argument("--steps", type=int, default=4, help="train: timed steps per repetition; downpour: per worker")
+    ap.add_argument("--design", choices=("server", "worker"), default="server", help="downpour: who applies the update")
+    ap.add_argument("--overlap", action="store_true", help="downpour: the worker's communication thread (--overlap)")
     args = ap.parse_args(argv)
     comm = MPI.COMM_WORLD
     if args.mode == "vector":
@@ -155,13 +259,20 @@ def main(argv: list[str] | None = None) -> None:
         idle_wait(comm)
         result["downpour"] = comm.bcast(result["downpour"], root=1)
         result["allreduce"] = allreduce_vector(comm, args.floats, args.repeats)
-    else:
+    elif args.mode == "train":
         from network_train import train_all  # bench/network_train.py, beside this file
 
         result = train_all(comm, args)
+    else:
+        from network_train import downpour_rate
+
+        result = downpour_rate(comm, args)
     if comm.Get_rank() == 0:
         result["mpi"] = MPI.Get_library_version().splitlines()[0].strip(" \x00")
+        result["hosts"] = comm.allgather(MPI.Get_processor_name())
         print("RESULT " + json.dumps(result), flush=True)
+    else:
+        comm.allgather(MPI.Get_processor_name())
     idle_wait(comm)
 
 

@@ -5,7 +5,10 @@ Every rank uses 1 torch thread and its own fixed random batch (no data loading, 
   allreduce  all 3 ranks: ours (GradAllreduce blocking and overlapping, FlatOptimizer) vs torch DDP over gloo,
              built and timed by bench/allreduce.py's build_variants/throughput (interleaved, rotating order);
              gloo's rendezvous on rank 0's node address (MASTER_ADDR), GLOO_SOCKET_IFNAME=eth0
-  downpour   rank 0 serves, ranks 1 and 2 train (fashion_downpour: Adagrad, n_push = n_fetch = 1, no warmstart)
+  downpour   its own job (network_case.py downpour): rank 0 serves, the others train (fashion_downpour: Adagrad,
+             weight decay 5e-4, n_push = n_fetch = 1, no warmstart), with the server-side update (the library, with or
+             without --overlap) or the deleted worker-side one (network_case.WorkerSide); bench/network.py places
+             the ranks (server on its own node, or all on one)
 """
 
 from __future__ import annotations
@@ -102,55 +105,95 @@ def allreduce_vs_ddp(comm, args, x, y) -> dict:
     }
 
 
-def downpour_rate(comm, args, x, y) -> dict:
-    """1 server (rank 0) + the other ranks as workers, `downpour_steps` timed steps each after one warm-up step."""
+def downpour_rate(comm, args) -> dict:
+    """fashion_downpour on alexnet_small: rank 0 serves, the other ranks train `steps` timed steps each after one
+    warm-up step, every rank on 1 torch thread. design "server": the library (ParamServer + DownpourWorker, with
+    --overlap if asked); "worker": the deleted worker-side update (network_case.WorkerSide), push then fetch."""
     import torch
     import torch.nn.functional as F
 
     from hpcdnn.config import load_config
     from hpcdnn.models import FlatParams, build_model
-    from hpcdnn.mpi.downpour import DownpourWorker
-    from hpcdnn.mpi.param_server import ParamServer
-    from hpcdnn.mpi.roles import split_roles
+    from hpcdnn.placement import set_threads
 
+    set_threads(1)
     cfg = dataclasses.replace(load_config("fashion_downpour"), warmstart_steps=0)
-    roles = split_roles(comm, cfg.servers)
+    if args.overlap:
+        cfg = dataclasses.replace(cfg, overlap=True)
+    x, y = batch(args, comm.Get_rank())
     torch.manual_seed(0)
     model = build_model(MODEL, CLASSES, SHAPE, CROP)
     flat = FlatParams(model)
-    ps = ParamServer(roles, flat.numel, adagrad=cfg.optimizer == "adagrad", atomic_fetch=cfg.atomic_fetch)
-    if roles.is_root:
-        ps.load(flat.to_numpy())
-    comm.Barrier()
-    out = {}
-    if roles.is_server:
-        ps.serve()
+    serving, workers = comm.Get_rank() == 0, comm.Get_size() - 1
+    group = comm.Split(0 if serving else 1, comm.Get_rank())
+    if args.design == "server":
+        from hpcdnn.mpi.downpour import DownpourWorker
+        from hpcdnn.mpi.param_server import ParamServer
+        from hpcdnn.mpi.roles import split_roles
+
+        roles = split_roles(comm, 1)
+        ps = ParamServer(roles, flat.numel, optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                         eps=cfg.adagrad_eps, push_dtype=cfg.push_dtype,
+                         initial=(flat.to_numpy(), None, None) if roles.is_root else None)  # fmt: skip
+        if not serving:
+            worker = DownpourWorker(ps, flat, cfg, roles.index)
+            worker.start(resumed=False)
+            communicate, done = (lambda i: worker.step(cfg.lr, 0, i)), (lambda n: worker.finish(cfg.lr, 0, n))
     else:
-        worker = DownpourWorker(ps, flat, cfg, roles.index)
-        worker.start(resumed=False)
+        from network_case import WorkerSide
+
+        ps = WorkerSide(comm, 0, flat.numel, cfg.weight_decay, cfg.adagrad_eps)
+        if comm.Get_rank() == 1:
+            ps.load(flat.to_numpy())
+        comm.Barrier()
+        if not serving:
+            host, grad = flat.to_numpy(), flat.to_numpy(grad=True)
+            ps.fetch(host)
+
+            def communicate(i: int) -> None:
+                ps.push(grad, host, cfg.lr)
+                ps.fetch(host)
+
+            def done(n: int) -> None:
+                ps.done()
+
+    out = {}
+    if serving:
+        if args.design == "server":
+            ps.serve()
+        else:
+            ps.serve(workers)
+    else:
         comm_s = 0.0
-        for i in range(args.downpour_steps + 1):  # step 0 warms up (Numba kernels, first RMA epochs)
+        for i in range(args.steps + 1):  # step 0 warms up (Numba kernels, first RMA epochs)
             if i == 1:
-                roles.group.Barrier()
+                group.Barrier()
                 t0 = time.perf_counter()
             flat.zero_grad()
             F.cross_entropy(model(x), y).backward()
             t = time.perf_counter()
-            worker.step(cfg.lr, 0, i)
+            communicate(i + 1)
             comm_s += (time.perf_counter() - t) if i else 0.0
-        elapsed = roles.group.allreduce(time.perf_counter() - t0, op=MPI.MAX)
-        comm_s = roles.group.allreduce(comm_s, op=MPI.MAX)
-        worker.finish(cfg.lr, 0, args.downpour_steps + 1)
-        n_workers = len(roles.workers)
-        out = {"img_s": n_workers * args.batch * args.downpour_steps / elapsed, "workers": n_workers,
-               "push_fetch_share": comm_s / elapsed, "step_s": elapsed / args.downpour_steps, "load": load1()}  # fmt: skip
+        done(args.steps + 1)  # with --overlap: waits for the last step's push and fetch
+        elapsed = group.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+        comm_s = group.allreduce(comm_s, op=MPI.MAX)
+        if args.design == "server" and roles.is_root:
+            ps.wait_done()
+            applied = ps.summary()["pushes_applied"]
+            ps.end()
+        out = {"img_s": workers * args.batch * args.steps / elapsed, "workers": workers, "comm_share": comm_s / elapsed,
+               "step_s": elapsed / args.steps, "design": args.design, "overlap": bool(args.overlap), "load": load1()}  # fmt: skip
+        if args.design == "server" and roles.is_root:
+            out["pushes_applied"] = applied
     ps.free()
-    roles.free()
+    if args.design == "server":
+        roles.free()
+    group.Free()
     return comm.bcast(out, root=1)
 
 
 def train_all(comm, args) -> dict:
-    """The three trainers in turn, every rank on 1 torch thread."""
+    """Local and allreduce in turn, every rank on 1 torch thread (Downpour: downpour_rate, its own job)."""
     from hpcdnn.models import build_model
     from hpcdnn.placement import set_threads
 
@@ -158,6 +201,5 @@ def train_all(comm, args) -> dict:
     x, y = batch(args, comm.Get_rank())
     out = {"local": local_rate(comm, args, x, y)}
     out["allreduce"] = allreduce_vs_ddp(comm, args, x, y)
-    out["downpour"] = downpour_rate(comm, args, x, y)
     out["params"] = sum(p.numel() for p in build_model(MODEL, CLASSES, SHAPE, CROP).parameters())
     return out

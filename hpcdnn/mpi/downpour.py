@@ -163,9 +163,9 @@ class DownpourWorker:
         with trace.span("fetch", "comm", self.track):
             for s in self.order:
                 lo, hi = self.ps.shards[s]
-                self.ps.wait_applied(s, self.worker, self.seq[s])
+                head = self.ps.wait_applied(s, self.worker, self.seq[s])
                 with trace.span(f"fetch shard {s}", "comm", self.track, n=hi - lo):
-                    versions[s], retries = self.ps.fetch_shard(s, out[lo:hi])
+                    versions[s], retries = self.ps.fetch_shard(s, out[lo:hi], int(head[ctl.VERSION]))
                 self.torn_retries += retries
 
     def push(self, lr: float, epoch: int, batch: int) -> None:

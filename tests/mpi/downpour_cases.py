@@ -194,6 +194,17 @@ def vector_setup(servers: int, n: int, cfg: Config, init: np.ndarray | None = No
     return roles, vec, ps
 
 
+def serve_or_start(roles, ps, flat, cfg):
+    """A server serves until the end and frees the windows (returns None); a worker gets its started DownpourWorker."""
+    if roles.is_server:
+        ps.serve()
+        ps.free()
+        return None
+    worker = DownpourWorker(ps, flat, cfg, roles.index)
+    worker.start(resumed=False)
+    return worker
+
+
 def ledger(out: Path) -> None:
     """SERVERS servers, the rest workers, 200 pushes each of random gradients (sizes spanning 6 decades), plain SGD
     (lr 0.01, no momentum), a random fetch cadence and max_staleness=3 (drop): every worker keeps, in float64, the sum
@@ -201,13 +212,9 @@ def ledger(out: Path) -> None:
     servers, n = int(os.environ.get("SERVERS", "1")), int(os.environ.get("N", "10007"))
     cfg = Config(optimizer="sgd", momentum=0.0, weight_decay=0.0, max_staleness=3, n_fetch=10**6)
     roles, vec, ps = vector_setup(servers, n, cfg)
-    if roles.is_server:
-        ps.serve()
-        ps.free()
+    if (worker := serve_or_start(roles, ps, vec, cfg)) is None:
         return
     rng = np.random.default_rng(roles.index)
-    worker = DownpourWorker(ps, vec, cfg, roles.index)
-    worker.start(resumed=False)
     mine = np.zeros(n, np.float64)
     for k in range(200):
         vec.grad[:] = rng.standard_normal(n).astype(np.float32) * np.float32(10.0 ** rng.uniform(-3, 3))
@@ -233,25 +240,21 @@ def ledger(out: Path) -> None:
 
 def torn_reads(out: Path) -> None:
     """1 server, 2 pushing workers and (the root) a reader: every push adds the same constant to every parameter, so
-    a whole copy of the shard has all elements equal. The reader fetches for DURATION seconds and counts copies that
-    are not (torn) and the protocol's retries."""
+    a whole copy of the shard has all elements equal. The reader fetches for DURATION seconds and until it has seen 20
+    versions (at most 60 s), counting copies that are not (torn) and the protocol's retries, then stops the pushers."""
     n = int(os.environ.get("N", str(1 << 22)))
     cfg = Config(optimizer="sgd", momentum=0.0, weight_decay=0.0, n_fetch=10**6)
     roles, vec, ps = vector_setup(1, n, cfg)
-    if roles.is_server:
-        ps.serve()
-        ps.free()
+    if (worker := serve_or_start(roles, ps, vec, cfg)) is None:
         return
-    worker = DownpourWorker(ps, vec, cfg, roles.index)
-    worker.start(resumed=False)
-    t_end, fetches, torn = time.time() + float(os.environ.get("DURATION", "6")), 0, 0
+    t0, fetches, torn, seen = time.time(), 0, 0, set()
     if roles.is_root:  # the reader
-        seen = set()
-        while time.time() < t_end:
+        while time.time() - t0 < float(os.environ.get("DURATION", "6")) or (len(seen) < 20 and time.time() - t0 < 60):
             worker.fetch()
             fetches += 1
             torn += int(vec.data.min() != vec.data.max())
             seen.add(float(vec.data[0]))
+        worker.request_stop()
         worker.finish(1.0, 0, 0)
         ps.wait_done()
         summary = ps.summary()
@@ -261,7 +264,7 @@ def torn_reads(out: Path) -> None:
     else:
         vec.grad[:] = -1.0
         k = 0
-        while time.time() < t_end:
+        while not worker.stop_requested():
             worker.step(1.0, 0, k)
             k += 1
         worker.finish(1.0, 0, k)
@@ -273,12 +276,8 @@ def bounded_delay(out: Path) -> None:
     starts a step and the time each push starts; the test replays the log."""
     cfg = Config(optimizer="sgd", momentum=0.0, weight_decay=0.0, max_delay=2)
     roles, model, flat, ps = setup(1, cfg)
-    if roles.is_server:
-        ps.serve()
-        ps.free()
+    if (worker := serve_or_start(roles, ps, flat, cfg)) is None:
         return
-    worker = DownpourWorker(ps, flat, cfg, roles.index)
-    worker.start(resumed=False)
     starts, pushes, steps = [], [], 30
     for k in range(steps):
         starts.append((time.time(), k))

@@ -137,11 +137,11 @@ def test_every_push_is_applied_once_or_rejected(tmp_path, servers):
 
 
 def test_a_fetch_is_never_torn(tmp_path):
-    """A reader fetches a 16 MB shard for 6 s while two workers push to it (each push adds 1 to every parameter, so a
+    """A reader fetches a 16 MB shard for 6 s (and until it has seen 20 versions) while two workers push to it (each push adds 1 to every parameter, so a
     whole copy has all elements equal): no torn copy is ever returned; retries show the check was exercised."""
     r = case(4, "torn_reads", tmp_path, timeout=120)
     print(f"\n{r['fetches']} fetches, {r['versions_seen']} versions seen, {r['torn_retries']} torn copies retried")
-    assert r["torn"] == 0 and r["fetches"] > 20 and r["versions_seen"] > 5
+    assert r["torn"] == 0 and r["fetches"] > 20 and r["versions_seen"] >= 20
     assert r["pushes_applied"] == r["pushes_sent"] > 20
 
 
@@ -205,7 +205,7 @@ def test_stalled_worker_does_not_stop_the_others(tmp_path):
     assert r["pushes_sent"] == r["pushes_applied"] + r["pushes_rejected"]
     assert min(r["worker_steps"]) > 0
     frozen = r["worker_pushes"][1]  # dropped as stale after the stall, told, re-fetched: not starved
-    assert frozen["rejected"] >= 1 and frozen["applied"] > 10 * frozen["rejected"], frozen
+    assert frozen["rejected"] >= 1 and frozen["applied"] >= 3 * frozen["rejected"], frozen
 
 
 def test_error_on_every_rank_aborts_instead_of_hanging(fashion_tiny, tmp_path):
