@@ -222,7 +222,7 @@ class ParamServer:
         MPI (measured across two namespaces: a 16-word atomic read took 17 ms with 2 ms naps, 2.5 ms with 0.2 ms naps,
         0.6 ms spinning), and a push + fetch is ~6 such operations. Each wake-up costs ~10 us."""
         L, W, me, root = self.layout, self.layout.workers, self.comm.Get_rank(), self.roles.root
-        start, idle_since, wait, status, msg = 0, time.monotonic(), Backoff(poll_max), MPI.Status(), np.empty(1, np.int64)
+        start, idle_since, wait, msg = 0, time.monotonic(), Backoff(poll_max), np.empty(1, np.int64)
         while True:
             head = self.words.read(me, 0, L.head)
             applied = 0
@@ -232,10 +232,11 @@ class ParamServer:
                     self._apply(w, int(head[L.seq + w]))
                     applied += 1
             start = (start + 1) % max(W, 1)
-            if self.comm.Iprobe(source=root, tag=MPI.ANY_TAG, status=status):
-                self.comm.Recv(msg, source=root, tag=status.Get_tag())
-                if status.Get_tag() == TAG_END:
-                    return
+            if self.comm.Iprobe(source=root, tag=TAG_END):  # only our tags: another message on comm is not ours to take
+                self.comm.Recv(msg, source=root, tag=TAG_END)
+                return
+            if self.comm.Iprobe(source=root, tag=TAG_SNAP):
+                self.comm.Recv(msg, source=root, tag=TAG_SNAP)
                 self._send_snapshot(root)
             now = time.monotonic()
             if applied:
