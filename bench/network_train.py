@@ -105,6 +105,44 @@ def allreduce_vs_ddp(comm, args, x, y) -> dict:
     }
 
 
+def _downpour_parts(comm, design: str, cfg, flat, serving: bool):
+    """(parameter server, roles or None, communicate(step), done(steps)) for one design; servers get no-op callables."""
+    communicate = done = None
+    roles = None
+    if design == "server":
+        from hpcdnn.mpi.downpour import DownpourWorker
+        from hpcdnn.mpi.param_server import ParamServer
+        from hpcdnn.mpi.roles import split_roles
+
+        roles = split_roles(comm, 1)
+        ps = ParamServer(roles, flat.numel, optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                         eps=cfg.adagrad_eps, push_dtype=cfg.push_dtype,
+                         initial=(flat.to_numpy(), None, None) if roles.is_root else None)  # fmt: skip
+        if not serving:
+            worker = DownpourWorker(ps, flat, cfg, roles.index)
+            worker.start(resumed=False)
+            communicate, done = (lambda i: worker.step(cfg.lr, 0, i)), (lambda n: worker.finish(cfg.lr, 0, n))
+        return ps, roles, communicate, done
+    from network_case import WorkerSide
+
+    ps = WorkerSide(comm, 0, flat.numel, cfg.weight_decay, cfg.adagrad_eps)
+    if comm.Get_rank() == 1:
+        ps.load(flat.to_numpy())
+    comm.Barrier()
+    if not serving:
+        host, grad = flat.to_numpy(), flat.to_numpy(grad=True)
+        ps.fetch(host)
+
+        def communicate(i: int) -> None:
+            ps.push(grad, host, cfg.lr)
+            ps.fetch(host)
+
+        def done(n: int) -> None:
+            ps.done()
+
+    return ps, roles, communicate, done
+
+
 def downpour_rate(comm, args) -> dict:
     """fashion_downpour on alexnet_small: rank 0 serves, the other ranks train `steps` timed steps each after one
     warm-up step, every rank on 1 torch thread. design "server": the library (ParamServer + DownpourWorker, with
@@ -126,37 +164,7 @@ def downpour_rate(comm, args) -> dict:
     flat = FlatParams(model)
     serving, workers = comm.Get_rank() == 0, comm.Get_size() - 1
     group = comm.Split(0 if serving else 1, comm.Get_rank())
-    if args.design == "server":
-        from hpcdnn.mpi.downpour import DownpourWorker
-        from hpcdnn.mpi.param_server import ParamServer
-        from hpcdnn.mpi.roles import split_roles
-
-        roles = split_roles(comm, 1)
-        ps = ParamServer(roles, flat.numel, optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                         eps=cfg.adagrad_eps, push_dtype=cfg.push_dtype,
-                         initial=(flat.to_numpy(), None, None) if roles.is_root else None)  # fmt: skip
-        if not serving:
-            worker = DownpourWorker(ps, flat, cfg, roles.index)
-            worker.start(resumed=False)
-            communicate, done = (lambda i: worker.step(cfg.lr, 0, i)), (lambda n: worker.finish(cfg.lr, 0, n))
-    else:
-        from network_case import WorkerSide
-
-        ps = WorkerSide(comm, 0, flat.numel, cfg.weight_decay, cfg.adagrad_eps)
-        if comm.Get_rank() == 1:
-            ps.load(flat.to_numpy())
-        comm.Barrier()
-        if not serving:
-            host, grad = flat.to_numpy(), flat.to_numpy(grad=True)
-            ps.fetch(host)
-
-            def communicate(i: int) -> None:
-                ps.push(grad, host, cfg.lr)
-                ps.fetch(host)
-
-            def done(n: int) -> None:
-                ps.done()
-
+    ps, roles, communicate, done = _downpour_parts(comm, args.design, cfg, flat, serving)
     out = {}
     if serving:
         if args.design == "server":

@@ -15,8 +15,9 @@ b/e = async slice; the rest are complete spans):
   compute  forward, backward, apply (the optimizer, with any communication it does) - the SGD topologies;
            evaluation (of the objective), portion / backup portion (args k, finished), idle (no portion left to
            claim, waiting), won / discarded (i), read samples, L-BFGS iteration, line search (args evals, t, ok) - Sandblaster
-  comm     push > push shard S, fetch > fetch shard S, push rejected (i), warmstart wait, wait for workers (root), and on
-           servers serve > spin (pushes arriving), pushes applied (C) - Downpour; allreduce (one blocking call), or
+  comm     push > push shard S, fetch > fetch shard S, push rejected (i), bounded-delay wait (i), wait for comm thread,
+           warmstart wait, snapshot and wait for workers (root), and on servers serve > apply (args worker, n), shard
+           version (C) - Downpour (with --overlap, push and fetch go on the track "comm thread"); allreduce (one blocking call), or
            bucket B (b/e, issue to observed completion) and allreduce wait, broadcast parameters - allreduce;
            claim (i), objective reduce, lbfgs direction, lbfgs dot, stop agreed (i) - Sandblaster; stop agreement
   data     data wait (the step waiting for its next batch)

@@ -157,13 +157,14 @@ STEP = {"forward", "backward", "apply", "data wait", "checkpoint"}
 
 @pytest.mark.mpi
 def test_downpour_trace(tiny, tmp_path):
-    """1 server + 2 workers: push and fetch per shard on the workers, the server's serve span; the timeline renders."""
+    """1 server + 2 workers: push and fetch per shard on the workers, the server's serve and apply spans and its shard
+    version counter; the timeline renders."""
     from hpcdnn.plot import plot_trace
 
     events = run_traced(tmp_path, f"--data={tiny}", "--topology=downpour", "--servers=1", "--batch_size=16", "--epochs=2")
     procs = check_well_formed(events, 3)
     assert "server" in procs[0] and "worker (root)" in procs[1] and "worker @" in procs[2]
-    assert "serve" in names_of(events, 0) and "pushes applied" in names_of(events, 0, "C")
+    assert {"serve", "apply"} <= names_of(events, 0) and "shard version" in names_of(events, 0, "C")
     for pid in (1, 2):
         assert STEP | {"push", "push shard 0", "fetch", "fetch shard 0", "stop agreement"} <= names_of(events, pid)
     assert {"evaluate", "checkpoint write", "final evaluation", "wait for workers"} <= names_of(events, 1)
