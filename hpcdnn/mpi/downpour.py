@@ -64,10 +64,6 @@ class DownpourWorker:
             self.send, self.staged, self.track = np.zeros(n, np.float32), np.zeros(n, np.float32), "comm thread"
             self.staged_versions = [0] * P  # the shard versions in `staged`, installed with it
 
-    @property
-    def sent(self) -> int:
-        return int(self.row[ctl.SENT])
-
     # ---- the cadence
     def start(self, resumed: bool) -> None:
         """Wait for the warmstart (workers other than 0), then fetch the parameters."""
