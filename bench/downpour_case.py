@@ -150,17 +150,6 @@ class Remote:
         self.cmds.send(("quit",), dest=self.server, tag=TAG)
 
 
-class Vector:
-    """All a DownpourWorker reads of a model: a flat parameter vector and its gradient (numpy, CPU)."""
-
-    def __init__(self, n: int) -> None:
-        self.numel, self.device = n, torch.device("cpu")
-        self.data, self.grad = np.zeros(n, np.float32), np.zeros(n, np.float32)
-
-    def to_numpy(self, grad: bool = False) -> np.ndarray:
-        return self.grad if grad else self.data
-
-
 # ---- parts 1 and 2
 def vector(args) -> None:
     import torch.nn.functional as F
@@ -283,6 +272,7 @@ def part2(steps: int, model, flat, x, y, opt, worker, old: WorkerSide, server: R
 # ---- part 3
 def throughput(args) -> None:
     from hpcdnn.config import Config
+    from hpcdnn.models.flat import FlatVector
     from hpcdnn.mpi.downpour import DownpourWorker
     from hpcdnn.mpi.param_server import ParamServer
     from hpcdnn.mpi.roles import split_roles
@@ -299,7 +289,7 @@ def throughput(args) -> None:
     else:
         from hpcdnn.mpi import control as ctl
 
-        vec = Vector(n)
+        vec = FlatVector(np.zeros(n, np.float32))
         vec.grad[:] = np.random.default_rng(roles.index).standard_normal(n).astype(np.float32) * np.float32(1e-3)
         workers = {}
         for o in opts:

@@ -127,18 +127,6 @@ class WorkerSide:
             w.free()
 
 
-class Flat:
-    """All a DownpourWorker reads of a model: its flat parameter and gradient vectors (numpy, on the CPU)."""
-
-    def __init__(self, data: np.ndarray, grad: np.ndarray) -> None:
-        import torch
-
-        self.numel, self.device, self.data, self.grad = data.size, torch.device("cpu"), data, grad
-
-    def to_numpy(self, grad: bool = False) -> np.ndarray:
-        return self.grad if grad else self.data
-
-
 def timed_pairs(push, fetch, grad, grad0, repeats: int) -> dict:
     """One untimed push + fetch (JIT, connections), then `repeats` timed pairs; medians per operation."""
     runs: dict[str, list] = {"push": [], "fetch": []}
@@ -155,6 +143,7 @@ def server_side(sub, n: int, repeats: int, push_dtype: str) -> dict | None:
     """The library's Downpour: rank 0 of `sub` serves and applies Adagrad, rank 1 pushes (Put into its inbox slot)
     and fetches (seqlocked Get of the published buffer); the fetch waits until the push is applied."""
     from hpcdnn.config import load_config
+    from hpcdnn.models.flat import FlatVector
     from hpcdnn.mpi.downpour import DownpourWorker
     from hpcdnn.mpi.param_server import ParamServer
     from hpcdnn.mpi.roles import split_roles
@@ -170,7 +159,7 @@ def server_side(sub, n: int, repeats: int, push_dtype: str) -> dict | None:
     else:
         grad0 = host * np.float32(1e-3)
         grad = grad0.copy()
-        worker = DownpourWorker(ps, Flat(host, grad), cfg, 0)
+        worker = DownpourWorker(ps, FlatVector(host, grad), cfg, 0)
         worker.start(resumed=False)
 
         def push() -> None:  # what DownpourWorker.step does after backward with n_push = 1, minus the fetch

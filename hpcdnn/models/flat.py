@@ -142,3 +142,15 @@ class FlatParams:
 
     def __repr__(self) -> str:
         return f"FlatParams({len(self.layout)} tensors, {self.param_count:,} parameters, numel={self.numel:,}, device={self.device})"
+
+
+class FlatVector:
+    """A bare flat parameter vector and its gradient (numpy, on the CPU) with the part of FlatParams's interface a
+    Downpour worker reads: the parameter server's tests and benchmarks push and fetch vectors without a model."""
+
+    def __init__(self, data: np.ndarray, grad: np.ndarray | None = None) -> None:
+        self.data, self.grad = data, np.zeros_like(data) if grad is None else grad
+        self.numel, self.device = data.size, torch.device("cpu")
+
+    def to_numpy(self, grad: bool = False) -> np.ndarray:
+        return self.grad if grad else self.data

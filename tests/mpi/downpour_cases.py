@@ -16,7 +16,7 @@ import torch
 from mpi4py import MPI
 
 from hpcdnn.config import Config
-from hpcdnn.models.flat import FlatParams
+from hpcdnn.models.flat import FlatParams, FlatVector
 from hpcdnn.mpi import control as ctl
 from hpcdnn.mpi.downpour import DownpourWorker
 from hpcdnn.mpi.param_server import ParamServer
@@ -174,20 +174,9 @@ def stalled_worker(out: Path) -> None:
     ps.free()
 
 
-class Vector:
-    """All a DownpourWorker reads of a model: a flat parameter vector and its gradient (numpy, on the CPU)."""
-
-    def __init__(self, n: int) -> None:
-        self.numel, self.device = n, torch.device("cpu")
-        self.data, self.grad = np.zeros(n, np.float32), np.zeros(n, np.float32)
-
-    def to_numpy(self, grad: bool = False) -> np.ndarray:
-        return self.grad if grad else self.data
-
-
 def vector_setup(servers: int, n: int, cfg: Config, init: np.ndarray | None = None):
     roles = split_roles(comm, servers)
-    vec = Vector(n)
+    vec = FlatVector(np.zeros(n, np.float32))
     initial = (np.zeros(n, np.float32) if init is None else init, None, None) if roles.is_root else None
     ps = ParamServer(roles, n, optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                      push_dtype=cfg.push_dtype, initial=initial)  # fmt: skip
