@@ -1,9 +1,12 @@
 """ShardLoader on real shards made by data-prep: rank split, stored pixels and labels, JPEG, resume, errors, threads."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
-from conftest import prep
+from conftest import REPO, prep
 from fakes import make_folder_tree
 
 from hpcdnn.data.loader import ShardLoader
@@ -159,6 +162,26 @@ def test_close_stops_the_thread(idx_data):
     with pytest.raises(StopIteration):
         next(it)
     assert len(list(loader)) == len(loader)  # a fresh iteration works after close
+
+
+def test_dropped_iterator_is_joined_by_close_and_at_exit(idx_data):
+    """A run that stops mid-epoch (--max_steps) drops its iterator while the producer is busy. loader.close() must
+    still join that thread, and a process that exits without closing must exit cleanly: a daemon thread left inside
+    torch or HDF5 at finalization aborted (rc 134) or hung the exit of most such runs before the producers were joined.
+    """
+    loader = ShardLoader(idx_data, "train", 4, prefetch=2)
+    it = iter(loader)
+    next(it)
+    thread = it.thread
+    del it
+    loader.close()
+    assert not thread.is_alive()
+    script = (f"from hpcdnn.data.loader import ShardLoader\n"
+              f"it = ShardLoader({str(idx_data)!r}, 'train', 4, train=True, pad=2, prefetch=4).iter_epoch(0)\n"
+              f"next(it)\ndel it\n")  # fmt: skip
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_clear_errors(idx_data):

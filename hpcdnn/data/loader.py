@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from hpcdnn import trace
-from hpcdnn.data.prefetch import BatchIterator
+from hpcdnn.data.prefetch import BatchIterator, stop_producers
 from hpcdnn.data.schema import ShardReader, decode_jpeg, load_manifest
 from hpcdnn.kernels.augment import augment, augment_torch, center_offsets, draw, ten_crop_views
 from hpcdnn.kernels.jit import numba_threads
@@ -101,6 +101,7 @@ class ShardLoader:
             raise ValueError(f"{split}: {self.total} samples over {world} ranks give no full batch of {batch_size}; lower batch_size")
         self.epoch = 0
         self._iterators: weakref.WeakSet = weakref.WeakSet()
+        self._threads: list[threading.Thread] = []  # every producer started, joined by close()
         self._own: tuple[dict, ThreadPoolExecutor | None] | None = None  # read_samples' files and decode pool (caller's thread)
 
     # ---- what the data set is
@@ -148,12 +149,15 @@ class ShardLoader:
             raise ValueError(f"start_batch {start_batch} outside [0, {self.num_batches}]")
         it = BatchIterator(self, epoch, start_batch)
         self._iterators.add(it)
+        self._threads = [*(t for t in self._threads if t.is_alive()), it.thread]
         return it
 
     def close(self) -> None:
         """Stop every running prefetch thread (they close their files); close the files read_samples opened."""
         for it in list(self._iterators):
             it.close()
+        stop_producers(self._threads)  # also those whose iterator was dropped mid-epoch (a `break`, --max_steps)
+        self._threads = []
         if self._own is not None:
             readers, pool = self._own
             self._own = None

@@ -1,8 +1,14 @@
 """The background side of ShardLoader: one thread per epoch iterator makes batches in order into a bounded queue,
-owning its HDF5 files, decode pool and reusable buffers; the consumer re-raises its errors (hpcdnn/data/loader.py)."""
+owning its HDF5 files, decode pool and reusable buffers; the consumer re-raises its errors (hpcdnn/data/loader.py).
+
+Every producer is stopped and joined before the interpreter finalizes, even one whose iterator was dropped mid-epoch
+(a run that ends at --max_steps): a daemon thread still inside torch or HDF5 when Python tears down is killed with
+pthread_exit, which aborts the process ("terminate called without an active exception") or deadlocks its exit.
+"""
 
 from __future__ import annotations
 
+import atexit
 import queue
 import sys
 import threading
@@ -18,6 +24,21 @@ if TYPE_CHECKING:
     from hpcdnn.data.loader import ShardLoader
 
 END = object()  # the producer's last item
+RUNNING: dict[threading.Thread, threading.Event] = {}  # live producers and their stop events (strong references)
+
+
+def stop_producers(threads=None) -> None:
+    """Stop and join the given producer threads (default: all); each ends within one queue timeout."""
+    for thread in list(RUNNING) if threads is None else threads:
+        stop = RUNNING.get(thread)
+        if stop is not None:
+            stop.set()
+        if thread.is_alive() and thread is not threading.current_thread():
+            thread.join()
+        RUNNING.pop(thread, None)
+
+
+atexit.register(stop_producers)  # atexit runs before finalization abandons daemon threads
 
 
 class Buffers:
@@ -72,6 +93,9 @@ class BatchIterator:
         # the thread gets the queue and the event, not self: dropping the iterator (a `break`) stops it via __del__
         self.thread = threading.Thread(target=produce, args=(loader, epoch, start_batch, self.queue, self.stop), daemon=True,
                                        name=f"hpcdnn-loader-{loader.split}-e{epoch}")  # fmt: skip
+        for done in [t for t in RUNNING if not t.is_alive()]:
+            RUNNING.pop(done, None)
+        RUNNING[self.thread] = self.stop
         self.thread.start()
 
     def __iter__(self) -> BatchIterator:
@@ -104,7 +128,7 @@ class BatchIterator:
                 self.queue.get(timeout=0.05)  # unblock a put
             except queue.Empty:
                 pass
-        self.thread.join()
+        stop_producers([self.thread])
 
     def __del__(self) -> None:
         if getattr(self, "thread", None) is not None:
