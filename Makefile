@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 FASHION := /usr/share/datasets/fashion-mnist
 DATA ?= data
 
-.PHONY: install demo test test-mpi test-cluster test-slurm lint format bench bench-prep fashion-mnist clean
+.PHONY: install demo test test-mpi test-cluster test-slurm lint format bench bench-prep bench-model-parallel fashion-mnist clean
 
 install: $(BIN)/.installed
 
@@ -76,10 +76,14 @@ bench: bench-prep install fashion-mnist
 	$(BIN)/python bench/downpour.py
 	$(BIN)/python bench/allreduce.py
 	$(BIN)/python bench/sandblaster.py
+	$(BIN)/python bench/model_parallel.py
 	for v in .venv .venv-mpich; do test ! -x $$v/bin/python || $$v/bin/python bench/network.py; done  # across nodes; root only (else it says why it skips)
 
 bench-prep: install
 	$(BIN)/python bench/prep.py
+
+bench-model-parallel: install
+	$(BIN)/python bench/model_parallel.py
 
 clean:
 	rm -rf $(VENV) .venv-mpich $(DATA) .pytest_cache

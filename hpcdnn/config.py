@@ -24,7 +24,9 @@ class Config:
     # data and model
     data: str = "data/fashion-mnist"  # data-prep output directory (holds manifest.json)
     val_split: str = "auto"  # split to evaluate on: auto = val if present, else test
-    model: str = "auto"  # hpcdnn.models.MODELS: alexnet | alexnet_small | auto (alexnet for >= 200 px images, else alexnet_small)
+    model: str = (
+        "auto"  # hpcdnn.models.MODELS: alexnet | alexnet_small | wide (274M parameters) | auto (alexnet from 200 px, else alexnet_small)
+    )
     crop: int = 0  # training crop side; 0 = 227 for alexnet (the paper's 224 + its padding), the image side for small nets
     pad: int = 0  # zero-pad (after mean subtraction) for random crops of small images
     flip: bool = True  # random horizontal flips
@@ -67,6 +69,8 @@ class Config:
     max_delay: int = 0  # downpour bounded delay (SSP-like): a worker more than this many steps ahead of the slowest waits (0 = off)
     overlap: bool = False  # downpour: push and fetch on a communication thread while the next step computes (gradients one fetch older)
     push_dtype: str = "fp32"  # downpour: gradients on the wire as fp32 | bf16 | fp16 (the servers keep fp32 parameters)
+    mp: int = 1  # ranks per model replica (model parallelism): each holds 1/mp of every layer's units; alexnet with 2: the paper's towers
+    rank_memory_gb: float = 0.0  # refuse at start a model whose estimated memory per rank exceeds this (0 = no check); the fix names --mp
     bucket_mb: float = 1.0  # allreduce: gradient bucket size in MiB; small buckets let the ring start during backward (README)
     # sandblaster (L-BFGS; batch_size is the global batch, cut into portions that the ranks claim)
     sb_history: int = 10  # L-BFGS memory m: (s, y) pairs kept, each vector sharded across the ranks
@@ -111,7 +115,7 @@ class Config:
             )
         if self.slow_rank < -1:
             raise ValueError(f"--slow_rank={self.slow_rank}: give a rank number, or -1 for no straggler")
-        for key in ("lr", "batch_size", "epochs", "lr_factor", "log_every", "servers", "n_fetch", "n_push", "bucket_mb"):
+        for key in ("lr", "batch_size", "epochs", "lr_factor", "log_every", "servers", "n_fetch", "n_push", "bucket_mb", "mp"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"--{key}={getattr(self, key)!r} must be positive")
         for key in (
@@ -127,6 +131,7 @@ class Config:
             "warmstart_steps",
             "max_staleness",
             "max_delay",
+            "rank_memory_gb",
         ):
             if getattr(self, key) < 0:
                 raise ValueError(f"--{key}={getattr(self, key)!r} must be >= 0")
@@ -134,6 +139,11 @@ class Config:
             raise ValueError(
                 f"--max_delay={self.max_delay} < --n_push={self.n_push}: a worker's clock advances only when it pushes, so the "
                 f"slowest could wait for the others; use --max_delay >= n_push"
+            )
+        if self.mp > 1 and self.topology not in ("allreduce", "downpour"):
+            raise ValueError(
+                f"--mp={self.mp} with --topology={self.topology}: model-parallel replicas run under --topology=allreduce (R replicas "
+                f"x {self.mp} ranks; one replica = pure model parallelism) or downpour"
             )
         topology(self.topology).check(self)  # what only that topology rules out
 

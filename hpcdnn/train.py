@@ -83,11 +83,12 @@ def train(cfg: Config, resume: bool = False, comm=None) -> dict:
     if run.is_root:
         write_bytes(run.run_dir / "config.toml", cfg.to_toml().encode())
         servers = f", {len(run.roles.servers)} server(s)" if run.roles and run.roles.servers else ""
-        print(f"hpcdnn: {run.model_name} ({run.flat.param_count:,} parameters) on {run.device}, {cfg.topology}: {run.world} worker(s)"
+        mp = f" x {cfg.mp} ranks (model parallel)" if run.replica is not None else ""
+        print(f"hpcdnn: {run.model_name} ({run.param_total:,} parameters) on {run.device}, {cfg.topology}: {run.world} worker(s){mp}"
               f"{servers}, {run.manifest['splits']['train']['count']} training images, {topo.steps_in_epoch(at.epoch)} steps/epoch per "
               f"worker, {'resuming at step ' + str(at.step) if saved else 'starting'} → {total} steps", flush=True)  # fmt: skip
     log = MetricsLog(run.run_dir, enabled=run.is_root, resume_step=at.step if saved else None, tensorboard=cfg.tensorboard)
-    val_data = ShardLoader(cfg.data, val_split, 256, train=False, **run.loader_args()) if run.is_root else None
+    val_data = ShardLoader(cfg.data, val_split, 256, train=False, **run.loader_args()) if run.in_root_replica else None
     stopped = loop(run, topo, at, total, log, val_data, stop)
     stop.close()
     topo.finish(at.epoch, at.pos)  # Downpour: last push, report done; the root waits for every worker
@@ -106,6 +107,8 @@ def train(cfg: Config, resume: bool = False, comm=None) -> dict:
         val_data.close()
     topo.close()
     trace.finish()
+    if run.replica is not None:
+        run.replica.free()
     if run.roles:
         run.roles.free()
     return summary
@@ -121,6 +124,11 @@ def setup(cfg: Config, resume: bool, comm, kind) -> tuple[Run, str]:
 
         roles = split_roles(comm, n_servers, cfg.placement)
     is_root, is_server = roles is None or roles.is_root, roles is not None and roles.is_server
+    replica = None
+    if cfg.mp > 1 and not is_server:
+        from hpcdnn.mpi.roles import split_replicas
+
+        replica = split_replicas(roles, cfg.mp)  # collective over the workers
     if is_root:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     place = Placement.decide(cfg.device, cfg.threads, roles.comm if roles else None, computing=not is_server)
@@ -130,13 +138,64 @@ def setup(cfg: Config, resume: bool, comm, kind) -> tuple[Run, str]:
     torch.manual_seed(cfg.seed)
     manifest = load_manifest(cfg.data)
     model_name, val_split, crop = resolve(cfg, manifest)
-    model = build_model(model_name, len(manifest["classes"]), tuple(manifest["image_shape"]), crop).to(place.device)
+    model = make_model(cfg, model_name, manifest, crop, replica, is_server)
+    model = model if next(model.parameters()).is_meta else model.to(place.device)
     sched = Schedule(cfg.lr_schedule, cfg.lr, factor=cfg.lr_factor, step_epochs=cfg.lr_step_epochs, patience=cfg.plateau_patience,
                      epochs=cfg.epochs, warmup=cfg.warmup_epochs)  # fmt: skip
     if saved and "schedule" in saved.state:
         sched.load(saved.state["schedule"])
-    run = Run(cfg, comm, roles, place.device, place.threads, model, FlatParams(model), model_name, crop, manifest, sched, saved)
+    run = Run(cfg, comm, roles, place.device, place.threads, model, FlatParams(model), model_name, crop, manifest, sched, saved,
+              replica)  # fmt: skip
+    run.param_total = replica.comm.allreduce(run.flat.param_count) if replica is not None else run.flat.param_count
     return run, val_split
+
+
+WHOLE_FIRST = 256 << 20  # parameter bytes up to which a model is built whole and then sliced (same init as --mp=1)
+
+
+def make_model(cfg: Config, name: str, manifest: dict, crop: int, replica, is_server: bool) -> torch.nn.Module:
+    """The model this rank holds: the whole model, or its partition of a replica (--mp=K). alexnet with --mp=2 is the
+    paper's two towers (hpcdnn/mpi/towers.py); any other split is by output units (hpcdnn/mpi/partition.py). A model
+    bigger than WHOLE_FIRST is never built whole with --mp > 1: each rank initialises only its slices."""
+    shape, classes = tuple(manifest["image_shape"]), len(manifest["classes"])
+    with torch.device("meta"):
+        meta = build_model(name, classes, shape, crop)
+    budget_check(cfg, meta, crop, shape[2])
+    if replica is None:
+        return meta if is_server and cfg.mp > 1 else build_model(name, classes, shape, crop)  # servers use only sizes
+    if name == "alexnet" and replica.size == 2:
+        from hpcdnn.mpi.towers import AlexNetTowers
+
+        return AlexNetTowers(build_model(name, classes, shape, crop), replica.comm)
+    from hpcdnn.mpi.partition import partition_model
+
+    whole = sum(p.numel() for p in meta.parameters()) * 4 <= WHOLE_FIRST
+    return partition_model(build_model(name, classes, shape, crop) if whole else meta, replica.comm)
+
+
+def budget_check(cfg: Config, meta: torch.nn.Module, crop: int, channels: int) -> None:
+    """--rank_memory_gb: refuse at start a model whose estimated memory on one rank exceeds the budget, naming --mp.
+    Activations count whole on every rank (a partitioned model's activations are replicated)."""
+    if not cfg.rank_memory_gb:
+        return
+    import math
+
+    from hpcdnn.memory import activation_bytes_per_sample, check_budget, rank_bytes
+    from hpcdnn.mpi.partition import layers, partition_numel, plan
+
+    acts = activation_bytes_per_sample(meta, (channels, crop, crop))
+
+    def need(k: int) -> int:
+        worst = 0
+        for r in range(k):
+            largest = max((len(plan(layer, k, r, name).rows) * math.prod(layer.weight.shape[1:]) for _, _, name, layer in layers(meta)),
+                          default=0)  # fmt: skip
+            worst = max(worst, rank_bytes(partition_numel(meta, k, r), topology=cfg.topology, optimizer=cfg.optimizer,
+                                          momentum=cfg.momentum, batch_size=cfg.batch_size, activations_bytes=acts,
+                                          largest_param=largest, n_push=cfg.n_push, overlap=cfg.overlap))  # fmt: skip
+        return worst
+
+    check_budget(cfg.rank_memory_gb, need, cfg.mp, f"{type(meta).__name__} on {crop}x{crop}x{channels}")
 
 
 def loop(run: Run, topo, at: Position, total: int, log: MetricsLog, val_data, stop) -> bool:
@@ -183,7 +242,7 @@ def loop(run: Run, topo, at: Position, total: int, log: MetricsLog, val_data, st
 
 @trace.traced("evaluate", "driver", "driver")
 def end_epoch(run: Run, topo, at: Position, log: MetricsLog, val_data) -> None:
-    if run.is_root:
+    if run.in_root_replica:  # every rank of the evaluating replica (--mp) takes part in its forward passes
         topo.refresh()
         at.last_val = evaluate(run.model, val_data)
     at.last_val = topo.share(at.last_val)
@@ -212,20 +271,21 @@ def save_checkpoint(run: Run, topo, at: Position) -> None:
 def final_summary(run: Run, topo, at: Position, log: MetricsLog, val_data, val_split: str) -> dict:
     """The root's final evaluation (centre crop, optionally 10-crop) and summary.json, shared as the topology shares."""
     extra = topo.summary()  # collective (Sandblaster sums its portion counts)
+    cfg = run.cfg
+    if run.in_root_replica:
+        topo.refresh()
+        final = evaluate(run.model, val_data)
+        if cfg.eval_ten_crop:
+            ten = ShardLoader(cfg.data, val_split, 64, train=False, ten_crop=True, **run.loader_args())
+            final |= {f"{k}_10crop": v for k, v in evaluate(run.model, ten).items()}
+            ten.close()
     if not run.is_root:
         return topo.share({})
-    cfg = run.cfg
-    topo.refresh()
-    final = evaluate(run.model, val_data)
-    if cfg.eval_ten_crop:
-        ten = ShardLoader(cfg.data, val_split, 64, train=False, ten_crop=True, **run.loader_args())
-        final |= {f"{k}_10crop": v for k, v in evaluate(run.model, ten).items()}
-        ten.close()
     last = min(at.epoch, cfg.epochs - 1)
     summary = {
         "topology": cfg.topology,
         "model": run.model_name,
-        "parameters": run.flat.param_count,
+        "parameters": run.param_total,
         "device": str(run.device),
         "epochs": round(at.epoch + at.pos / topo.steps_in_epoch(last), 3),
         "steps": at.step,

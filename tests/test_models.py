@@ -199,7 +199,7 @@ def test_small_rejects_bad_sizes():
 
 
 def test_registry_builds_by_name():
-    assert set(MODELS) == {"alexnet", "alexnet_small"}
+    assert set(MODELS) == {"alexnet", "alexnet_small", "wide"}
     assert isinstance(build_model("alexnet_small", 10, (28, 28, 1), crop=None), AlexNetSmall)
     small = build_model("alexnet_small", 10, (28, 28, 1), crop=24)
     assert small.input_size == 24 and small.in_channels == 1

@@ -14,6 +14,7 @@ from torch import nn
 from hpcdnn.models.alexnet import INPUT_SIZE, AlexNet
 from hpcdnn.models.flat import FlatParams, shard_ranges
 from hpcdnn.models.small import AlexNetSmall
+from hpcdnn.models.wide import WideNet
 
 __all__ = ["MODELS", "AlexNet", "AlexNetSmall", "FlatParams", "build_model", "default_crop", "default_model", "shard_ranges"]
 
@@ -31,6 +32,7 @@ def _alexnet(num_classes: int, in_channels: int, image_size: int) -> AlexNet:
 MODELS: dict[str, Callable[[int, int, int], nn.Module]] = {
     "alexnet": _alexnet,
     "alexnet_small": AlexNetSmall,
+    "wide": WideNet,  # 274 M parameters: too big for one rank, made for --mp=K (hpcdnn/models/wide.py)
 }
 
 

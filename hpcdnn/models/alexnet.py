@@ -2,6 +2,9 @@
 
 The paper's two-GPU split is kept as `groups=2` in conv2, conv4 and conv5 (conv3 and the FC layers see both halves),
 so the parameter count and the connectivity match the paper; on one device the groups are just a sparser conv.
+LRN after conv1 and conv2 normalises each half of the maps on its own (`groups=2`): the paper sums over "adjacent
+kernel maps" on one GPU, so a window never reaches into the other GPU's half. One device then computes exactly what
+the two towers of hpcdnn/mpi/towers.py compute on two ranks.
 Shapes for one image: 3x227x227 -conv1-> 96x55x55 -pool-> 96x27x27 -conv2-> 256x27x27 -pool-> 256x13x13
 -conv3-> 384x13x13 -conv4-> 384x13x13 -conv5-> 256x13x13 -pool-> 256x6x6 = 9216 -fc6-> 4096 -fc7-> 4096 -fc8-> K.
 """
@@ -64,27 +67,38 @@ class LocalResponseNorm(nn.Module):
     """The paper's LRN across channels, with the paper's alpha (torch's nn.LocalResponseNorm wants alpha * size instead).
 
     The window of channel c is [c - size // 2, c + (size - 1) // 2], zero-padded at the ends, as in the paper and torch.
-    On CPU (float32/64, JIT on) it runs the fused Numba kernels; elsewhere torch's formula on any device.
+    With `groups` > 1 the channels are cut into that many equal consecutive blocks, each normalised on its own (zero
+    padding at block edges too): AlexNet's two GPU halves. On CPU (float32/64, JIT on) it runs the fused Numba
+    kernels; elsewhere torch's formula on any device.
     """
 
-    def __init__(self, size: int = LRN_SIZE, alpha: float = LRN_ALPHA, beta: float = LRN_BETA, k: float = LRN_K) -> None:
+    def __init__(self, size: int = LRN_SIZE, alpha: float = LRN_ALPHA, beta: float = LRN_BETA, k: float = LRN_K, groups: int = 1) -> None:
         super().__init__()
         window(size)  # rejects size < 1 here, not at the first forward
-        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+        if groups < 1:
+            raise ValueError(f"LRN groups must be >= 1, not {groups} (1: one window over all channels; AlexNet uses 2)")
+        self.size, self.alpha, self.beta, self.k, self.groups = size, alpha, beta, k, groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised activations, same shape as x (N, C, H, W)."""
+        shape = x.shape
+        if self.groups > 1:  # (N, C, ...) -> (N * groups, C / groups, ...): a view, each block one "sample"
+            if x.dim() < 2 or shape[1] % self.groups:
+                raise ValueError(f"LRN with groups={self.groups} needs (N, C, ...) inputs with C divisible by it, not {tuple(shape)}")
+            x = x.reshape(shape[0] * self.groups, shape[1] // self.groups, *shape[2:])
         if x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.float64) and JIT_ENABLED:
-            return _LRNFunction.apply(x, self.size, self.alpha, self.beta, self.k)
-        return F.local_response_norm(x, self.size, alpha=self.alpha * self.size, beta=self.beta, k=self.k)
+            out = _LRNFunction.apply(x, self.size, self.alpha, self.beta, self.k)
+        else:
+            out = F.local_response_norm(x, self.size, alpha=self.alpha * self.size, beta=self.beta, k=self.k)
+        return out.reshape(shape)
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
+        return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, groups={self.groups}"
 
 
-def paper_lrn() -> LocalResponseNorm:
-    """The paper's LRN: n=5, k=2, alpha=1e-4, beta=0.75."""
-    return LocalResponseNorm(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K)
+def paper_lrn(groups: int = 1) -> LocalResponseNorm:
+    """The paper's LRN: n=5, k=2, alpha=1e-4, beta=0.75; `groups` blocks of channels normalised separately."""
+    return LocalResponseNorm(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K, groups)
 
 
 def overlapping_pool() -> nn.MaxPool2d:
@@ -93,7 +107,7 @@ def overlapping_pool() -> nn.MaxPool2d:
 
 
 class AlexNet(nn.Module):
-    """The 2012 AlexNet (groups=2 for the two-GPU split, LRN after conv1/conv2, dropout on fc6/fc7 outputs), paper init."""
+    """The 2012 AlexNet (groups=2 for the two-GPU split in conv2/4/5 and LRN, LRN after conv1/conv2, dropout on fc6/fc7 outputs), paper init."""
 
     def __init__(self, num_classes: int = 1000, in_channels: int = 3) -> None:
         super().__init__()
@@ -107,11 +121,11 @@ class AlexNet(nn.Module):
                 [
                     ("conv1", nn.Conv2d(in_channels, 96, kernel_size=11, stride=4)),
                     ("relu1", nn.ReLU(inplace=True)),
-                    ("norm1", paper_lrn()),
+                    ("norm1", paper_lrn(groups=2)),  # each GPU half on its own (module docstring)
                     ("pool1", overlapping_pool()),
                     ("conv2", nn.Conv2d(96, 256, kernel_size=5, padding=2, groups=2)),
                     ("relu2", nn.ReLU(inplace=True)),
-                    ("norm2", paper_lrn()),
+                    ("norm2", paper_lrn(groups=2)),
                     ("pool2", overlapping_pool()),
                     ("conv3", nn.Conv2d(256, 384, kernel_size=3, padding=1)),
                     ("relu3", nn.ReLU(inplace=True)),

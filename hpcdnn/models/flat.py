@@ -75,23 +75,26 @@ class FlatParams:
             offset = _round_up(offset, align)
             self.layout.append((name, offset, tuple(p.shape)))
             offset += p.numel()
-        self.data = torch.zeros(offset, dtype=torch.float32, device=self.device)
-        self.grad = torch.zeros_like(self.data)
-        self.data.grad = self.grad
         self._params = [p for _, p in named]
         self._data_views: list[torch.Tensor] = []
         self._grad_views: list[torch.Tensor] = []
+        # parameters first, then the gradient: each tensor's own storage is freed as it moves into the flat vector, so
+        # at most two copies of the parameters exist at once (three would be the peak of a big model's whole run)
+        self.data = torch.zeros(offset, dtype=torch.float32, device=self.device)
         with torch.no_grad():
             for (_, off, shape), p in zip(self.layout, self._params):
-                n = p.numel()
-                data_view, grad_view = self.data[off : off + n].view(shape), self.grad[off : off + n].view(shape)
+                data_view = self.data[off : off + p.numel()].view(shape)
                 data_view.copy_(p.detach())
+                p.data = data_view
+                self._data_views.append(data_view)
+            self.grad = torch.zeros_like(self.data)
+            for (_, off, shape), p in zip(self.layout, self._params):
+                grad_view = self.grad[off : off + p.numel()].view(shape)
                 if p.grad is not None:
                     grad_view.copy_(p.grad)
-                p.data = data_view
                 p.grad = grad_view
-                self._data_views.append(data_view)
                 self._grad_views.append(grad_view)
+        self.data.grad = self.grad
         ends = [off + int(np.prod(shape, dtype=np.int64)) for _, off, shape in self.layout]
         starts = [off for _, off, _ in self.layout[1:]]
         self._pads = [(e, s) for e, s in zip(ends, starts) if s > e]  # zero-filled gaps between parameters

@@ -23,6 +23,16 @@ def pooled(size: int) -> int:
     return (size - 3) // 2 + 1
 
 
+@torch.no_grad()
+def kaiming_relu_init(module: nn.Module) -> None:
+    """Kaiming-normal (fan_in, ReLU) weights and zero biases for every conv and FC layer of `module` (no-op on meta)."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
+            if layer.bias is not None:
+                layer.bias.zero_()
+
+
 class AlexNetSmall(nn.Module):
     """A small AlexNet for 15-64 px inputs, Kaiming-initialised.
 
@@ -84,13 +94,8 @@ class AlexNetSmall(nn.Module):
         )
         self.reset_parameters()
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Kaiming-normal (fan_in, ReLU) weights and zero biases for every conv and FC layer."""
-        for layer in self.modules():
-            if isinstance(layer, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
-                layer.bias.zero_()
+        kaiming_relu_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, K) for a float batch (N, C, S, S) with S = image_size."""

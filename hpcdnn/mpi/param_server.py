@@ -87,7 +87,7 @@ class ParamServer:
         self.params = Window(2 * self.n, np.float32, comm=self.comm)
         self.inbox = Window(W * self.n, self.wire, comm=self.comm)
         self.words = Window(self.layout.size if roles.is_server else 0, np.int64, comm=self.comm)
-        self.version = 0
+        self.version, self.start = 0, 0  # start: the worker a poll looks at first
         self.state = None
         if roles.is_server:
             self.state = np.zeros(self.n, np.float32) if self.adagrad or momentum else None
@@ -212,41 +212,28 @@ class ParamServer:
             self.comm.Send(np.zeros(1, np.int64), dest=server, tag=TAG_END)
 
     # ---- server side
-    @trace.traced("serve", "comm", "comm")
-    def serve(self, busy: float = 0.002, poll_active: float = 0.00025, poll_max: float = 0.002, active: float = 1.0) -> None:
-        """Apply pushes until the root worker says END; answer snapshots between updates.
+    def serve(self, **idle) -> None:
+        """Apply pushes until the root worker says END; answer snapshots between updates (serve_all: the policy)."""
+        serve_all([self], **idle)
 
-        Idle policy: spin (yielding the core) for `busy` seconds after a push, then sleep with exponential backoff up to
-        `poll_active` seconds while pushes came within the last `active` seconds, else up to `poll_max`. Why so short
-        while training: over TCP a worker's RMA operation on this server completes only when the server next enters
-        MPI (measured across two namespaces: a 16-word atomic read took 17 ms with 2 ms naps, 2.5 ms with 0.2 ms naps,
-        0.6 ms spinning), and a push + fetch is ~6 such operations. Each wake-up costs ~10 us."""
+    def poll(self) -> tuple[int, bool]:
+        """One pass: apply every posted push (round robin from a moving start, so no worker is always served last),
+        answer a snapshot request; returns (pushes applied, END received)."""
         L, W, me, root = self.layout, self.layout.workers, self.comm.Get_rank(), self.roles.root
-        start, idle_since, wait, msg = 0, time.monotonic(), Backoff(poll_max), np.empty(1, np.int64)
-        while True:
-            head = self.words.read(me, 0, L.head)
-            applied = 0
-            for i in range(W):  # round robin from a moving start: no worker is always served last
-                w = (start + i) % W
-                if head[L.seq + w] > head[L.done + w]:
-                    self._apply(w, int(head[L.seq + w]))
-                    applied += 1
-            start = (start + 1) % max(W, 1)
-            if self.comm.Iprobe(source=root, tag=TAG_END):  # only our tags: another message on comm is not ours to take
-                self.comm.Recv(msg, source=root, tag=TAG_END)
-                return
-            if self.comm.Iprobe(source=root, tag=TAG_SNAP):
-                self.comm.Recv(msg, source=root, tag=TAG_SNAP)
-                self._send_snapshot(root)
-            now = time.monotonic()
-            if applied:
-                idle_since, wait.sleep = now, 0.0
-                trace.counter("shard version", self.version)
-            elif now - idle_since < busy:
-                os.sched_yield()
-            else:
-                wait.cap = poll_active if now - idle_since < active else poll_max
-                wait()
+        head, applied, msg = self.words.read(me, 0, L.head), 0, np.empty(1, np.int64)
+        for i in range(W):
+            w = (self.start + i) % W
+            if head[L.seq + w] > head[L.done + w]:
+                self._apply(w, int(head[L.seq + w]))
+                applied += 1
+        self.start = (self.start + 1) % max(W, 1)
+        if self.comm.Iprobe(source=root, tag=TAG_END):  # only our tags: another message on comm is not ours to take
+            self.comm.Recv(msg, source=root, tag=TAG_END)
+            return applied, True
+        if self.comm.Iprobe(source=root, tag=TAG_SNAP):
+            self.comm.Recv(msg, source=root, tag=TAG_SNAP)
+            self._send_snapshot(root)
+        return applied, False
 
     def _apply(self, w: int, seq: int) -> None:
         """Apply worker w's posted push (number `seq`) to this shard and publish the result."""
@@ -281,3 +268,34 @@ class ParamServer:
         """Collective over roles.comm: the final teardown."""
         for w in (self.params, self.inbox, self.words):
             w.free()
+
+
+@trace.traced("serve", "comm", "comm")
+def serve_all(servers: list[ParamServer], busy: float = 0.002, poll_active: float = 0.00025, poll_max: float = 0.002,
+              active: float = 1.0) -> None:  # fmt: skip
+    """A server rank's loop over its shards of one or more parameter servers (one per partition with --mp), until each
+    got END from its root worker.
+
+    Idle policy: spin (yielding the core) for `busy` seconds after a push, then sleep with exponential backoff up to
+    `poll_active` seconds while pushes came within the last `active` seconds, else up to `poll_max`. Why so short
+    while training: over TCP a worker's RMA operation on this server completes only when the server next enters
+    MPI (measured across two namespaces: a 16-word atomic read took 17 ms with 2 ms naps, 2.5 ms with 0.2 ms naps,
+    0.6 ms spinning), and a push + fetch is ~6 such operations. Each wake-up costs ~10 us."""
+    live, idle_since, wait = list(servers), time.monotonic(), Backoff(poll_max)
+    while live:
+        applied = 0
+        for ps in list(live):
+            n, ended = ps.poll()
+            applied += n
+            if n:
+                trace.counter("shard version", ps.version)
+            if ended:
+                live.remove(ps)
+        now = time.monotonic()
+        if applied:
+            idle_since, wait.sleep = now, 0.0
+        elif now - idle_since < busy:
+            os.sched_yield()
+        else:
+            wait.cap = poll_active if now - idle_since < active else poll_max
+            wait()

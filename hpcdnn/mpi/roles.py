@@ -81,3 +81,34 @@ def split_roles(comm, servers: int, placement: str = "first", env=None) -> Roles
         raise ValueError(f"every one of the {size} ranks is a server: {ROLE_ENV}=worker must be set on at least one rank")
     group = comm.Split(0 if roles[rank] == "server" else 1, rank)
     return Roles(comm, group, roles[rank], server_ranks, worker_ranks)
+
+
+@dataclass
+class Replica:
+    """A worker's model replica when it spans K ranks (`--mp=K`): worker w is partition w % K of replica w // K, so a
+    replica is K consecutive worker ranks (one node under mpirun's and Slurm's default block placement)."""
+
+    comm: object  # the replica's K ranks, in partition order: activations move here (hpcdnn/mpi/exchange.py)
+    across: object  # the R ranks holding this partition in every replica, in replica order: gradients move here
+    index: int  # which replica (0..R-1): the data-parallel rank (its batches, its Downpour worker number)
+    part: int  # which partition (0..K-1)
+    size: int  # K
+    count: int  # R
+
+    def free(self) -> None:
+        self.comm.Free()
+        self.across.Free()
+
+
+def split_replicas(roles: Roles, mp: int) -> Replica:
+    """Collective over the worker group: cut the W workers into W / mp replicas of mp consecutive ranks."""
+    workers = len(roles.workers)
+    if workers % mp:
+        raise ValueError(
+            f"--mp={mp} needs a worker count divisible by {mp}, not {workers}: launch {mp} x R workers "
+            f"(mpirun -n {len(roles.servers) + mp * max(1, workers // mp)} ...) or change --mp"
+        )
+    w = roles.index
+    comm = roles.group.Split(w // mp, w % mp)
+    across = roles.group.Split(w % mp, w // mp)
+    return Replica(comm, across, w // mp, w % mp, mp, workers // mp)

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from hpcdnn import checkpoint as ck
@@ -51,6 +52,8 @@ class Run:
     manifest: dict
     sched: Schedule
     saved: ck.Checkpoint | None = None
+    replica: object = None  # hpcdnn.mpi.roles.Replica when a replica spans several ranks (--mp > 1), else None
+    param_total: int = 0  # parameters of the whole model (every partition of a replica)
 
     @property
     def is_root(self) -> bool:
@@ -62,13 +65,27 @@ class Run:
 
     @property
     def rank(self) -> int:
-        """This replica's index among the workers (0 for one process)."""
+        """This replica's index among the replicas (0 for one process): its batches, seeds and worker number."""
+        if self.replica is not None:
+            return self.replica.index
         return self.roles.index if self.roles is not None and not self.is_server else 0
 
     @property
     def world(self) -> int:
-        """Workers (replicas) in the job."""
+        """Replicas in the job (workers / mp)."""
+        if self.replica is not None:
+            return self.replica.count
         return len(self.roles.workers) if self.roles is not None else 1
+
+    @property
+    def worker(self) -> int:
+        """This rank's index among all worker ranks (= rank without model parallelism)."""
+        return self.roles.index if self.roles is not None and not self.is_server else 0
+
+    @property
+    def in_root_replica(self) -> bool:
+        """A rank of the replica that evaluates (every rank of it takes part in its forward passes)."""
+        return self.is_root if self.replica is None else (not self.is_server and self.replica.index == 0)
 
     @property
     def run_dir(self) -> Path:
@@ -158,3 +175,42 @@ def restore_rng(saved, rank: int, per_rank: bool) -> None:
     """Put back this rank's RNG state from a checkpoint (per_rank: the w<rank>_ keys of a gathered checkpoint)."""
     prefix = f"w{rank}_" if per_rank and rank else ""
     ck.restore_rng({k[len(prefix) :]: v for k, v in saved.rng.items() if k.startswith(prefix)})
+
+
+# ---- model-parallel replicas (--mp=K): a checkpoint holds every partition's flat vector, concatenated in order
+
+
+def part_sizes(run: Run) -> list[int]:
+    """Flat-vector lengths of the K partitions (collective over the job: the root replica's sizes, for every rank)."""
+    sizes = run.replica.comm.allgather(run.flat.numel) if run.replica is not None else None
+    return run.roles.comm.bcast(sizes, root=run.roles.root)
+
+
+def my_part(run: Run, vector: np.ndarray, sizes: list[int] | None) -> np.ndarray:
+    """This rank's partition of a checkpoint vector (the whole vector without model parallelism)."""
+    if run.replica is None:
+        return vector
+    if sizes is None or len(sizes) != run.replica.size or sum(sizes) != vector.size:
+        raise ValueError(
+            f"the checkpoint holds {vector.size:,} values in partitions {sizes}, this run's --mp={run.replica.size} model "
+            f"needs partitions of {part_sizes_hint(run)}: resume with the --mp it was written with"
+        )
+    lo = sum(sizes[: run.replica.part])
+    return vector[lo : lo + sizes[run.replica.part]]
+
+
+def part_sizes_hint(run: Run) -> str:
+    return f"{run.flat.numel:,} values on partition {run.replica.part}"
+
+
+def gather_parts(run: Run, params: np.ndarray, optim: dict) -> tuple[np.ndarray, dict] | None:
+    """Root replica (collective over its ranks): every partition's params and optimizer state, concatenated, on the
+    job root; None elsewhere. Without model parallelism: the arguments."""
+    if run.replica is None:
+        return params, optim
+    if run.replica.index != 0:
+        return None
+    got = run.replica.comm.gather((params, optim), root=0)
+    if got is None:
+        return None
+    return np.concatenate([p for p, _ in got]), {k: np.concatenate([o[k] for _, o in got]) for k in optim}

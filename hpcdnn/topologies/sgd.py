@@ -18,7 +18,7 @@ from hpcdnn import trace
 from hpcdnn.data.loader import ShardLoader
 from hpcdnn.optim import FlatOptimizer
 from hpcdnn.placement import keep_threads
-from hpcdnn.topologies.base import Run, StepResult, Topology, restore_rng
+from hpcdnn.topologies.base import Run, StepResult, Topology, my_part, restore_rng
 
 
 class SGD(Topology):
@@ -27,8 +27,11 @@ class SGD(Topology):
     def __init__(self, run: Run) -> None:
         super().__init__(run)
         cfg = self.cfg
-        if run.rank:
-            torch.manual_seed(cfg.seed + run.rank)  # same initial model everywhere, different dropout per replica
+        # same initial model everywhere, different dropout per replica; the ranks of a replica (--mp) share their seed,
+        # so replicated activations draw the same mask, unless each rank masks its own units (the towers)
+        seed = cfg.seed + run.rank + (7919 * run.replica.part if run.replica and getattr(run.model, "own_dropout", False) else 0)
+        if seed != cfg.seed:
+            torch.manual_seed(seed)
         self.data = ShardLoader(cfg.data, "train", cfg.batch_size, rank=run.rank, world=run.world, seed=cfg.seed, train=True,
                                 flip=cfg.flip, pca_std=cfg.pca_std, **run.loader_args())  # fmt: skip
         self.lr = run.sched.lr(0.0)
@@ -75,9 +78,10 @@ class Local(SGD):
         self.opt = FlatOptimizer(cfg.optimizer, flat.data, flat.grad, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                  eps=cfg.adagrad_eps)  # fmt: skip
         if saved:
-            flat.load_flat(saved.params)
-            self.opt.load_state(saved.optim, saved.state["optimizer_steps"])
-            restore_rng(saved, run.rank, per_rank=self.per_rank_rng)
+            sizes = saved.state.get("mp_sizes")
+            flat.load_flat(my_part(run, saved.params, sizes))
+            self.opt.load_state({k: my_part(run, v, sizes) for k, v in saved.optim.items()}, saved.state["optimizer_steps"])
+            restore_rng(saved, run.worker, per_rank=self.per_rank_rng)
 
     def apply(self, lr: float, epoch: int, next_batch: int) -> None:
         self.opt.step(lr)

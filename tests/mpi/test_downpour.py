@@ -21,8 +21,8 @@ pytestmark = pytest.mark.mpi
 CASES = Path(__file__).with_name("downpour_cases.py")
 
 
-def hpcdnn(n: int, *args, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`hpcdnn train` as a real job: n ranks under mpirun (n = 0: one plain process)."""
+def hpcdnn(n: int, *args, timeout: float = 240, ok: bool = True) -> subprocess.CompletedProcess:
+    """`hpcdnn train` as a real job: n ranks under mpirun (n = 0: one plain process); ok: it must exit 0."""
     cmd = [sys.executable, "-m", "hpcdnn", "train", *map(str, args)]
     if n:
         cmd = [*mpirun(n), sys.executable, "-m", "mpi4py", "-m", "hpcdnn", "train", *map(str, args)]
@@ -35,7 +35,7 @@ def hpcdnn(n: int, *args, timeout: float = 240) -> subprocess.CompletedProcess:
         proc.kill()
         out, err = proc.communicate()
         raise AssertionError(f"{' '.join(cmd)} hung for {timeout} s; its stacks:\n{out[-3000:]}\n{err[-6000:]}") from None
-    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{out[-3000:]}\n{err[-3000:]}"
+    assert proc.returncode == 0 or not ok, f"{' '.join(cmd)} exited {proc.returncode}\n{out[-3000:]}\n{err[-3000:]}"
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
