@@ -140,10 +140,10 @@ class Config:
                 f"--max_delay={self.max_delay} < --n_push={self.n_push}: a worker's clock advances only when it pushes, so the "
                 f"slowest could wait for the others; use --max_delay >= n_push"
             )
-        if self.mp > 1 and self.topology not in ("allreduce", "downpour"):
+        if self.mp > 1 and self.topology not in ("allreduce", "downpour", "sandblaster"):
             raise ValueError(
                 f"--mp={self.mp} with --topology={self.topology}: model-parallel replicas run under --topology=allreduce (R replicas "
-                f"x {self.mp} ranks; one replica = pure model parallelism) or downpour"
+                f"x {self.mp} ranks; one replica = pure model parallelism), downpour or sandblaster"
             )
         topology(self.topology).check(self)  # what only that topology rules out
 

@@ -35,12 +35,12 @@ FLOAT_BYTES = 4  # parameters, gradients and optimizer state are float32
 MIB, GIB = 1 << 20, 1 << 30  # --rank_memory_gb is in GiB, as Slurm's --mem=<n>G
 # Peak RSS of a rank without its model's terms: hpcdnn.train imported, MPI initialised, a model built on the meta device
 # (torch's meta machinery), the SGD and Adagrad kernels loaded from Numba's cache, the data loader and its prefetched
-# batches. Rounded up from a run of the driver with a tiny model and batch 1; bench/wide_memory.py prints its own
-# runtime (all but the loader) beside this value.
+# batches. Rounded up from a run of the driver with a tiny model and batch 1; bench/model_parallel.py prints its
+# own runtime (all but the loader) beside its peaks.
 RUNTIME_BYTES = 512 * MIB
 SGD_BUFFER_AT_ZERO_MOMENTUM = True  # FlatOptimizer allocates momentum_buffer even at momentum 0
 ACTIVATION_FACTOR = 3  # per output kept for backward: itself, its gradient, and pool indices / dropout masks (bounded)
-FLATTEN_VECTORS = 3  # the module's tensors + FlatParams' data and grad, while flattening (hpcdnn/models/flat.py)
+FLATTEN_VECTORS = 2  # while flattening: module tensors + flat data, then data + grad (models/flat.py)
 MAX_MP = 64  # the largest --mp the budget check suggests
 TOPOLOGY_NAMES = ("local", "allreduce", "downpour", "sandblaster")  # hpcdnn.topologies.TOPOLOGIES (the tests compare)
 

@@ -16,6 +16,11 @@ basis: each rank computes them on its columns (`kernels.lbfgs.gram`), one Allred
 them, every rank runs the recursion on the Gram matrix (Chen et al. 2014), forms its columns of the direction
 (`lincomb`) and one Allgatherv assembles d. The previous 2m-1 rows of the Gram matrix are kept, not recomputed.
 
+Model-parallel replicas (--mp=K, `shard_comm=`): a rank's vectors are its partition's (n = the partition's length),
+sharded over the R ranks holding that partition (shard_comm; rank r keeps shard r), and d is assembled among them.
+The dot products still sum over `comm`, every rank of every partition, so they are those of the whole vectors and
+every rank takes the same decisions.
+
 The curvature pair of a step is committed by the next `direction` call (its s.y arrives in the same allreduce):
 pairs with s.y <= 1e-10 are skipped, as in torch.optim.LBFGS, whose recursion and first step this follows, and so
 are pairs with a non-finite s.s or y.y (one NaN or inf gradient). A slot not in use may hold anything (a rejected
@@ -38,13 +43,14 @@ from hpcdnn.models.flat import shard_ranges
 class ShardedLBFGS:
     """L-BFGS state of one rank: its columns of the last `history` (s, y) pairs and the Gram matrix of the basis."""
 
-    def __init__(self, n: int, history: int = 10, *, comm, dtype=np.float32, curvature_eps: float = 1e-10) -> None:
+    def __init__(self, n: int, history: int = 10, *, comm, dtype=np.float32, curvature_eps: float = 1e-10, shard_comm=None) -> None:
         if history < 1:
             raise ValueError(f"history={history}: L-BFGS needs at least one (s, y) pair (m >= 1; 10 is usual)")
         self.comm, self.n, self.m, self.eps = comm, n, history, curvature_eps
+        self.shards = comm if shard_comm is None else shard_comm  # who holds the columns of these n-vectors
         self.dtype = np.dtype(dtype)
-        self.ranges = shard_ranges(n, comm.Get_size())
-        self.lo, self.hi = self.ranges[comm.Get_rank()]
+        self.ranges = shard_ranges(n, self.shards.Get_size())
+        self.lo, self.hi = self.ranges[self.shards.Get_rank()]
         self.rows = 2 * history + 3  # s slots 0..m, y slots m+1..2m+1, g
         self.g_row = self.rows - 1
         self.V = np.zeros((self.rows, self.hi - self.lo), self.dtype)
@@ -116,7 +122,7 @@ class ShardedLBFGS:
             gtd = -float(self.G[self.g_row, self.g_row])
         mine = np.empty(self.hi - self.lo, self.dtype)
         lincomb(self.V, coef, mine)
-        self.comm.Allgatherv(mine, [self.d, self._counts, self._displs, self._mpi_type])
+        self.shards.Allgatherv(mine, [self.d, self._counts, self._displs, self._mpi_type])
         return self.d, gtd
 
     def propose(self, t: float, d: np.ndarray, g_new: np.ndarray) -> None:
@@ -134,10 +140,10 @@ class ShardedLBFGS:
         return self.comm.allreduce(float(np.dot(self.shard(u).astype(np.float64), self.shard(v))), op=MPI.SUM)
 
     def gather(self, v: np.ndarray, root: int = 0) -> np.ndarray | None:
-        """The full vector of every rank's shard `v` (e.g. the gradient, for a checkpoint) on `root`, else None. Collective."""
-        full = np.empty(self.n, v.dtype) if self.comm.Get_rank() == root else None
+        """The full vector of every rank's shard `v` (e.g. the gradient, for a checkpoint) on `root` (of shard_comm), else None."""
+        full = np.empty(self.n, v.dtype) if self.shards.Get_rank() == root else None
         spec = [full, self._counts, self._displs, MPI._typedict[v.dtype.char]] if full is not None else None
-        self.comm.Gatherv(np.ascontiguousarray(self.shard(v)), spec, root)
+        self.shards.Gatherv(np.ascontiguousarray(self.shard(v)), spec, root)
         return full
 
     def reset(self) -> None:
@@ -146,10 +152,11 @@ class ShardedLBFGS:
 
     # ---- checkpoints: the root holds the full history; each rank takes back its columns
     def state(self, root: int = 0) -> tuple[np.ndarray | None, dict]:
-        """(V with all columns on `root`, else None; the scalars). Collective."""
+        """(V with all columns on `root` of shard_comm, else None; the scalars). Collective over shard_comm."""
         counts = [c * self.rows for c in self._counts]
-        recv = np.empty(self.rows * self.n, self.dtype) if self.comm.Get_rank() == root else None
-        self.comm.Gatherv(self.V, [recv, counts, np.cumsum([0, *counts[:-1]]).tolist(), self._mpi_type] if recv is not None else None, root)
+        recv = np.empty(self.rows * self.n, self.dtype) if self.shards.Get_rank() == root else None
+        spec = [recv, counts, np.cumsum([0, *counts[:-1]]).tolist(), self._mpi_type] if recv is not None else None
+        self.shards.Gatherv(self.V, spec, root)
         full = None
         if recv is not None:
             full = np.empty((self.rows, self.n), self.dtype)

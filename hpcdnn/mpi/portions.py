@@ -21,6 +21,13 @@ Protocol of one evaluation e (e = 1, 2, ... in this process):
             shard_ranges(n, size)[r], the ones ShardedLBFGS keeps) and the loss, samples, claims and stop votes into
             one small Allreduce (every rank must see the same loss bits: the line search decides on it).
 
+Model-parallel replicas (--mp=K, `follow=` the replica's communicator): a replica claims as one. Its rank 0 (the
+leader) alone touches the windows; it tells its partners over `follow` which portion to compute, after every chunk
+whether to go on (the abandon check), and whether the result won its commit, so the K ranks run the same chunks in
+lock step (each chunk's forward pass is collective over the replica). Each rank sums its partition's gradient; the
+sum over replicas runs among the ranks holding the same partition (`shard_comm=`), while the loss and the counts,
+from the leaders only, go into the Allreduce over every rank.
+
 Summation is float64: each rank adds the float32 portion gradients it won in float64, the Reduce_scatter sums in
 float64, the mean is rounded to float32 once. Which rank won which portion changes the float64 rounding (~1e-16 relative)
 but, except for values within that distance of a float32 rounding boundary, not the float32 gradient; so a run is
@@ -60,10 +67,15 @@ class PortionStats:
 
 
 class Portions:
-    """Which portions of each evaluation this rank computes: dynamic claims with backups, or a static equal split."""
+    """Which portions of each evaluation this rank computes: dynamic claims with backups, or a static equal split.
+
+    `comm` has one rank per claimer; with `follow` (a model-parallel replica's communicator) only follow's rank 0
+    claims, and `comm` is, on every rank, the communicator of the ranks holding its partition (one per replica):
+    partition 0's is the claimers', the others' create no windows.
+    """
 
     def __init__(self, count: int, *, comm, coordinator: int = 0, dynamic: bool = True, backup_after: float = 0.5,
-                 slow_rank: int = -1, slow_factor: float = 1.0) -> None:  # fmt: skip
+                 slow_rank: int = -1, slow_factor: float = 1.0, follow=None) -> None:  # fmt: skip
         size = comm.Get_size()
         if count < 1:
             raise ValueError(f"{count} portions: need at least 1 (4 per rank or more lets fast ranks take more)")
@@ -73,12 +85,14 @@ class Portions:
             raise ValueError(f"--slow_rank={slow_rank} but there are {size} ranks: use 0..{size - 1}, or -1 for none")
         self.comm, self.count, self.coordinator, self.dynamic = comm, count, coordinator, dynamic
         self.rank, self.size = comm.Get_rank(), size
-        self.backup_after, self.slow = backup_after, (slow_factor - 1.0 if comm.Get_rank() == slow_rank else 0.0)
-        here = comm.Get_rank() == coordinator
-        if here and dynamic:
+        self.follow = follow  # the replica's ranks (--mp): its rank 0 decides, the others follow
+        self.leads = follow is None or follow.Get_rank() == 0  # claims, and counts its results (the partners do not)
+        self.backup_after, self.slow = backup_after, (slow_factor - 1.0 if self.leads and comm.Get_rank() == slow_rank else 0.0)
+        here, windows = comm.Get_rank() == coordinator, dynamic and self.leads  # all or none of comm's ranks lead
+        if here and windows:
             trace.set_role("coordinator")  # the timeline names the rank that holds the counter and the flags
-        self.claims = SharedWindow(1 if here else 0, np.int64, comm=comm) if dynamic else None
-        self.flags = SharedWindow(count if here else 0, np.int64, comm=comm) if dynamic else None
+        self.claims = SharedWindow(1 if here else 0, np.int64, comm=comm) if windows else None
+        self.flags = SharedWindow(count if here else 0, np.int64, comm=comm) if windows else None
         self.evaluation = 0  # evaluations run; flag[k] == e once portion k of evaluation e is done
         self.base = 0  # the claim counter's value when the current evaluation began
         self.stats = PortionStats()
@@ -97,8 +111,10 @@ class Portions:
             for k in range(self.rank, self.count, self.size):  # round robin: equal shares, no windows
                 self._compute(k, compute, lambda k: True, "portion")
                 commit(k)
-                self.stats.won += 1
+                self.stats.won += self.leads
             return 0
+        if not self.leads:
+            return self._follow(compute, commit)
         e, claims, idle_since, idle_t = self.evaluation, 0, None, 0
         while True:
             backup = idle_since is not None
@@ -120,12 +136,15 @@ class Portions:
                 self.stats.backup += 1
                 trace.complete("idle", idle_t, "sandblaster", pending=int(pending.size))
             name = "backup portion" if backup else "portion"
-            finished = self._compute(k, compute, lambda k: self.flags.read(self.coordinator, k)[0] != e, name)
+            self._tell((int(k), backup))
+            finished = self._compute(k, compute, lambda k: self._tell(bool(self.flags.read(self.coordinator, k)[0] != e)), name)
+            won = bool(finished) and self.flags.compare_and_swap(e - 1, e, self.coordinator, k) == e - 1
+            self._tell(won)
             if not finished:
                 self.stats.discarded += 1
                 self.stats.abandoned += 1
                 trace.instant("discarded", "sandblaster", k=int(k), reason="abandoned: another copy won")
-            elif self.flags.compare_and_swap(e - 1, e, self.coordinator, k) == e - 1:
+            elif won:
                 commit(k)
                 self.stats.won += 1
                 self.stats.backup_won += backup
@@ -136,8 +155,23 @@ class Portions:
             if backup:
                 idle_since, idle_t = time.perf_counter(), trace.now()
         trace.complete("idle", idle_t, "sandblaster", pending=0)  # waiting for the last portions elsewhere
+        self._tell((-1, False))
         self.base += self.count + self.size
         return claims
+
+    def _tell(self, word):
+        """The leader's decision for its partners (--mp; a broadcast over the replica), or nothing to tell."""
+        return word if self.follow is None else self.follow.bcast(word, root=0)
+
+    def _follow(self, compute, commit) -> int:
+        """A partner in a replica: compute what the leader decided, chunk by chunk, and commit what it won."""
+        while True:
+            k, backup = self._tell(None)
+            if k < 0:
+                return 0
+            self._compute(k, compute, lambda k: self._tell(None), "backup portion" if backup else "portion")
+            if self._tell(None):
+                commit(k)
 
     def _compute(self, k: int, compute, still_needed, name: str) -> bool:
         """Run compute(k) with the straggler's sleep and the abandon check between chunks; time it (a span `name`)."""
@@ -177,15 +211,19 @@ class Objective:
     count must equal it, or the evaluation raises (a portion lost or counted twice).
     Returns (f, g): g is this rank's shard, columns [lo, hi) = shard_ranges(len(x), size)[rank], in x's dtype;
     gradient="full" returns the whole vector through one Allreduce instead (the baseline bench/sandblaster.py times).
+    shard_comm (--mp): the ranks holding x's partition, one per replica, over which the gradient is summed and
+    sharded (size and rank above are its); `comm` then spans every partition and sums the loss, counts and |x|^2.
     """
 
-    def __init__(self, portion_fn, portions: Portions, x: np.ndarray, *, comm, weight_decay: float = 0.0, gradient: str = "shard") -> None:
+    def __init__(self, portion_fn, portions: Portions, x: np.ndarray, *, comm, weight_decay: float = 0.0, gradient: str = "shard",
+                 shard_comm=None) -> None:  # fmt: skip
         if gradient not in ("shard", "full"):
             raise ValueError(f"gradient={gradient!r}: use 'shard' (Reduce_scatter, for ShardedLBFGS) or 'full' (Allreduce)")
         self.fn, self.portions, self.x, self.comm, self.wd, self.full = portion_fn, portions, x, comm, weight_decay, gradient == "full"
+        self.shards = comm if shard_comm is None else shard_comm
         self.n = x.size
-        ranges = shard_ranges(self.n, comm.Get_size())
-        self.lo, self.hi = ranges[comm.Get_rank()]
+        ranges = shard_ranges(self.n, self.shards.Get_size())
+        self.lo, self.hi = ranges[self.shards.Get_rank()]
         self.counts = [hi - lo for lo, hi in ranges]
         self.buf = np.zeros(self.n + 5)  # gradient sum, loss sum, samples, claims, stop votes, |x|^2 (by shards)
         self.shard = np.empty(self.hi - self.lo)  # this rank's columns of the summed gradient
@@ -209,8 +247,9 @@ class Objective:
         def commit(k) -> None:
             loss, grad, count = result
             np.add(buf[:n], grad, out=buf[:n])
-            buf[n] += loss
-            buf[n + 1] += count
+            if self.portions.leads:  # a replica's loss and samples count once, not once per partition (--mp)
+                buf[n] += loss
+                buf[n + 1] += count
 
         buf[n + 2] = self.portions.run(compute, commit)
         buf[n + 3] = float(self.stop_vote)
@@ -219,13 +258,16 @@ class Objective:
             mine = self.x[self.lo : self.hi].astype(np.float64)
             buf[n + 4] = mine @ mine
         with trace.span("objective reduce", "comm", "comm", full=self.full):  # also the stop agreement (the votes)
-            if self.full:
+            if self.full and self.shards is self.comm:
                 self.comm.Allreduce(MPI.IN_PLACE, buf)
                 g = buf[:n]
-            else:
-                self.comm.Reduce_scatter(buf[:n], self.shard, self.counts, op=MPI.SUM)
+            else:  # the gradient among the ranks holding this partition (all ranks without --mp), the scalars over all
+                if self.full:
+                    self.shards.Allreduce(MPI.IN_PLACE, buf[:n])
+                else:
+                    self.shards.Reduce_scatter(buf[:n], self.shard, self.counts, op=MPI.SUM)
                 self.comm.Allreduce(MPI.IN_PLACE, buf[n:])
-                g = self.shard
+                g = buf[:n] if self.full else self.shard
         count, claims = int(buf[n + 1]), int(buf[n + 2])
         if count != self.expected or claims != self.portions.expected_claims():
             raise RuntimeError(

@@ -15,6 +15,12 @@ vectors (Reduce_scatter). Within a batch the objective is a fixed function: no d
 masks are seeded by batch and portion), augmentation drawn once per batch. Rank 0 coordinates;
 the driver's root evaluates, logs and checkpoints (the history is gathered to it); `lr`, `momentum` and `optimizer`
 are not used (see sb_step).
+
+With --mp=K a replica is K ranks, each holding its partition of every layer and of every L-BFGS vector: the
+replica's rank 0 claims portions and its partners follow (mpi/portions.py), the gradient is summed and sharded among
+the ranks holding the same partition, the dot products over all ranks (mpi/lbfgs.py). --slow_rank names a worker
+rank and slows its replica. A checkpoint holds the K partitions concatenated (state "mp_sizes"; the L-BFGS history
+by columns); resume with the same --mp.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import numpy as np
 
 from hpcdnn import checkpoint as ck
 from hpcdnn import trace
-from hpcdnn.topologies.base import Run, StepResult, Topology
+from hpcdnn.topologies.base import Run, StepResult, Topology, my_part, part_sizes
 from hpcdnn.topologies.sandblaster_data import ModelPortions, PortionData, auto_portions
 
 COUNTERS = ("lbfgs_iterations", "gradient_evals", "line_search_evals", "line_search_failures", "samples_counted")
@@ -42,20 +48,23 @@ class Sandblaster(Topology):
         from hpcdnn.mpi.portions import Objective, Portions, PortionStats
 
         super().__init__(run)
-        cfg, comm, saved = run.cfg, run.roles.comm, run.saved
-        self.comm, self.world = comm, comm.Get_size()
+        cfg, comm, saved, mp = run.cfg, run.roles.comm, run.saved, run.replica
+        self.comm, self.world = comm, run.world  # world: replicas, the claimers of portions
+        across = mp.across if mp is not None else None  # --mp: the ranks holding this partition, one per replica
         run.model.train(cfg.sb_dropout)  # LRN and pooling act the same either way; dropout only if asked for
         self.n_train = run.manifest["splits"]["train"]["count"]
         self.count = cfg.sb_portions or auto_portions(cfg.batch_size, self.world)
-        self.portions = Portions(self.count, comm=comm, dynamic=cfg.sb_dynamic, backup_after=cfg.sb_backup_after,
-                                 slow_rank=cfg.slow_rank, slow_factor=cfg.slow_factor)  # fmt: skip
+        slow = cfg.slow_rank // mp.size if mp is not None and cfg.slow_rank >= 0 else cfg.slow_rank  # its replica
+        self.portions = Portions(self.count, comm=across or comm, dynamic=cfg.sb_dynamic, backup_after=cfg.sb_backup_after,
+                                 slow_rank=slow, slow_factor=cfg.slow_factor, follow=mp.comm if mp is not None else None)  # fmt: skip
         self.data = PortionData(
             cfg.data, "train", seed=cfg.seed, flip=cfg.flip, pca_std=cfg.pca_std, workers=run.threads, **run.loader_args()
         )
         self.fn = ModelPortions(run.model, run.flat, self.count, cfg.sb_chunk, dropout=cfg.sb_dropout, seed=cfg.seed, data=self.data)
         self.x = self.fn.x
-        self.objective = Objective(self.fn, self.portions, self.x, comm=comm, weight_decay=cfg.weight_decay)
-        self.opt = ShardedLBFGS(run.flat.numel, cfg.sb_history, comm=comm, dtype=np.float32)
+        self.objective = Objective(self.fn, self.portions, self.x, comm=comm, weight_decay=cfg.weight_decay, shard_comm=across)
+        self.opt = ShardedLBFGS(run.flat.numel, cfg.sb_history, comm=comm, dtype=np.float32, shard_comm=across)
+        self.sizes = part_sizes(run) if mp is not None else None  # the partitions' lengths (checkpoints)
         self.f, self.g = 0.0, None  # loss and gradient at x on the current batch (None: evaluate first)
         self.batch_loss = float("nan")  # the loss of the current batch before any step on it
         self.base = dict.fromkeys(COUNTERS, 0)  # counts of earlier processes of this run (resume)
@@ -68,14 +77,22 @@ class Sandblaster(Topology):
             )
         if saved:
             st = saved.state
-            self.x[:] = saved.params
-            self.opt.load_state(saved.optim["lbfgs_basis"], st["lbfgs"])
-            self.f, self.g = (st["f"], self.opt.shard(saved.optim["grad"]).copy()) if "grad" in saved.optim else (0.0, None)
+            self.x[:] = my_part(run, saved.params, st.get("mp_sizes"))  # checks the partitions
+            mine = self.columns(st.get("mp_sizes"))
+            self.opt.load_state(saved.optim["lbfgs_basis"][:, mine], st["lbfgs"])
+            self.f, self.g = (st["f"], self.opt.shard(saved.optim["grad"][mine]).copy()) if "grad" in saved.optim else (0.0, None)
             self.batch_loss = st["batch_loss"]
             self.base, self.portion_base = st["counters"], np.array(st["portion_stats"], np.int64)
             self.ls_evals, self.ls_failures = self.base["line_search_evals"], self.base["line_search_failures"]
         self.iterations = saved.step if saved else 0
         self.last_epoch = saved.epoch if saved else 0
+
+    def columns(self, sizes: list[int] | None) -> slice:
+        """This rank's partition of a checkpointed vector (every column without --mp)."""
+        if self.run.replica is None:
+            return slice(None)
+        lo = sum(sizes[: self.run.replica.part])
+        return slice(lo, lo + sizes[self.run.replica.part])
 
     # ---- the shape of an epoch
     def batch_size(self, epoch: int) -> int:
@@ -145,25 +162,33 @@ class Sandblaster(Topology):
 
     def state(self):
         """Collective: checks the replicas are bitwise equal and gathers the sharded history on the root."""
-        crcs = self.comm.allgather(zlib.crc32(self.x.view(np.uint8)))
-        if len(set(crcs)) > 1:  # every rank applies the same steps to its replica: they must stay bitwise equal
+        mp = self.run.replica
+        crcs, k = self.comm.allgather(zlib.crc32(self.x.view(np.uint8))), mp.size if mp is not None else 1
+        if any(len(set(crcs[p::k])) > 1 for p in range(k)):  # every replica applies the same steps: they must stay bitwise equal
             raise RuntimeError(f"replicas diverged by step {self.iterations}: parameter CRC32 per rank {crcs} (a bug, please report)")
-        basis, meta = self.opt.state()
+        basis, meta = self.opt.state()  # on the first replica (the root of each partition's ranks)
         totals = self.portion_totals()
         grad = self.opt.gather(self.g) if self.g is not None else None  # the gradient travels in shards
+        x = self.x.copy()
+        if mp is not None and mp.index == 0:  # --mp: the root replica's partitions, concatenated (the basis by columns)
+            got = mp.comm.gather((x, basis, grad), root=0)
+            if got is not None:
+                x, basis = np.concatenate([p[0] for p in got]), np.concatenate([p[1] for p in got], axis=1)
+                grad = np.concatenate([p[2] for p in got]) if grad is not None else None
         if self.comm.Get_rank() != 0:
             return None
         optim = {"lbfgs_basis": basis} | ({"grad": grad} if grad is not None else {})
         extra = {"f": self.f, "batch_loss": self.batch_loss, "lbfgs": meta, "counters": self.counters(),
-                 "portion_stats": totals.tolist()}  # fmt: skip
-        return self.x.copy(), optim, extra, ck.capture_rng()
+                 "portion_stats": totals.tolist()} | ({"mp_sizes": self.sizes} if mp is not None else {})  # fmt: skip
+        return x, optim, extra, ck.capture_rng()
 
     def images(self, step: int) -> int:
         return self.counters()["samples_counted"]
 
     def summary(self) -> dict:
         won, backup, backup_won, discarded, abandoned = self.portion_totals().tolist()
-        return {"ranks": self.world, "train_loss": self.f, "batch_size": self.batch_size(self.last_epoch), "portions": self.count,
+        replicas = {"replicas": self.world} if self.run.replica is not None else {}  # --mp: replicas of mp ranks
+        return {"ranks": self.comm.Get_size(), **replicas, "train_loss": self.f, "batch_size": self.batch_size(self.last_epoch), "portions": self.count,
                 "portions_total": won, "portions_backup": backup, "portions_backup_won": backup_won, "portions_discarded": discarded,
                 "portions_abandoned": abandoned, **self.counters(), "pairs_rejected": self.opt.pairs_rejected}  # fmt: skip
 
