@@ -15,8 +15,8 @@ sb_history and P = shards (ranks the history or ring scratch is divided over; 1 
     sandblaster    1      1    history (2m+3)/P                +2 float64 gradient sum, +1 direction, +1 line-search
                                                                  start, +9/P gradient shards and their temporaries
 
-and never fewer than 3 (FLATTEN_VECTORS): FlatParams briefly holds the module's own tensors beside its two zero-filled
-vectors, so a Downpour worker peaks at start, not in its steady state.
+and never fewer than 2 (FLATTEN_VECTORS): FlatParams moves the module's tensors into its data vector one by one (each
+tensor's storage freed as it goes) before it allocates the gradient, so flattening never holds three copies.
 SGD's momentum buffer is counted at momentum 0 too: hpcdnn/optim.py's FlatOptimizer zero-fills it whatever the
 momentum (SGD_BUFFER_AT_ZERO_MOMENTUM; the tests check that this still holds). On top of the vectors:
 RUNTIME_BYTES (Python, torch, numpy, MPI, Numba kernels, the data loader), the largest parameter's gradient once more

@@ -54,7 +54,7 @@ def wide_need(wide: nn.Module, batch_size: int = 128):
         ("local", {"optimizer": "adagrad"}, 3),  # params, grad, sum of squares
         ("allreduce", {"shards": 4}, 3.25),  # + the ring's scratch, 1/P
         ("allreduce", {}, 4),  # P = 1: the conservative bound
-        ("downpour", {}, 3),  # params and grad (the servers keep the optimizer state), but 3 while flattening
+        ("downpour", {}, 2),  # params and grad (the servers keep the optimizer state); 2 while flattening too
         ("downpour", {"n_push": 4}, 3),  # + the gradient sum between pushes
         ("downpour", {"overlap": True}, 4),  # + send and staged buffers of the comm thread
         ("downpour", {"n_push": 4, "overlap": True}, 5),
@@ -75,7 +75,7 @@ def test_rank_bytes_adds_its_terms():
                       largest_param=largest)  # fmt: skip
     assert full == base + 4 * largest + batch * per_sample
     assert rank_bytes(0, topology="downpour", optimizer="adagrad", momentum=0.0, batch_size=1) == RUNTIME_BYTES
-    assert rank_bytes(n, topology="downpour", optimizer="sgd", momentum=0.9, batch_size=batch) == base  # the flattening floor
+    assert rank_bytes(n, topology="downpour", optimizer="sgd", momentum=0.9, batch_size=batch) == RUNTIME_BYTES + 2 * 4 * n
     allreduce = rank_bytes(n, topology="allreduce", optimizer="sgd", momentum=0.9, batch_size=batch, shards=2)
     assert allreduce == RUNTIME_BYTES + math.ceil(3.5 * n) * 4
 
