@@ -28,6 +28,7 @@ from vcluster import VirtualCluster, available
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "slurm"))
+from model_parallel_nodes import test_model_parallel_replicas_each_on_one_node  # noqa: E402, F401  (collected here, with these fixtures)
 from slurmjobs import CI_DIR, REPO, SLURM_DIR, Slurm, make_idx_input, shard_idx  # noqa: E402
 
 pytestmark = pytest.mark.slurm
