@@ -193,14 +193,10 @@ def my_part(run: Run, vector: np.ndarray, sizes: list[int] | None) -> np.ndarray
     if sizes is None or len(sizes) != run.replica.size or sum(sizes) != vector.size:
         raise ValueError(
             f"the checkpoint holds {vector.size:,} values in partitions {sizes}, this run's --mp={run.replica.size} model "
-            f"needs partitions of {part_sizes_hint(run)}: resume with the --mp it was written with"
+            f"needs partitions of {run.flat.numel:,} values on partition {run.replica.part}: resume with the --mp it was written with"
         )
     lo = sum(sizes[: run.replica.part])
     return vector[lo : lo + sizes[run.replica.part]]
-
-
-def part_sizes_hint(run: Run) -> str:
-    return f"{run.flat.numel:,} values on partition {run.replica.part}"
 
 
 def gather_parts(run: Run, params: np.ndarray, optim: dict) -> tuple[np.ndarray, dict] | None:
