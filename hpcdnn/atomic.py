@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 from collections.abc import Iterator
@@ -57,8 +58,20 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_json(path: str | os.PathLike, obj: object) -> None:
-    """Atomically write `obj` as stable, human-readable JSON (sorted keys, so equal data gives equal bytes)."""
-    write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    """Atomically write `obj` as stable, human-readable, strict JSON (sorted keys, so equal data gives equal bytes;
+    a NaN or infinity becomes null, which every JSON reader accepts)."""
+    write_bytes(path, (json.dumps(finite(obj), indent=1, sort_keys=True, allow_nan=False) + "\n").encode())
+
+
+def finite(obj: object) -> object:
+    """`obj` with every non-finite float (NaN, +-inf) replaced by None, in nested dicts, lists and tuples."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
 
 
 def remove_stale_tmp(path: str | os.PathLike) -> None:

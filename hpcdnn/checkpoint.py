@@ -81,6 +81,15 @@ def save(path: str | Path, ckpt: Checkpoint) -> None:
         )
 
 
+def step_of(path: str | Path) -> int | None:
+    """The step a checkpoint file was written at, without reading its arrays (None if unreadable)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f.attrs["step"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def load(path: str | Path) -> Checkpoint:
     """Read a checkpoint written by `save`, with a clear error for anything else."""
     path = Path(path)

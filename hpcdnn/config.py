@@ -7,6 +7,7 @@ Unknown keys and badly typed values are rejected with the list of valid keys / t
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -102,6 +103,10 @@ class Config:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"--{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        for f in fields(self):  # NaN passes every comparison below: reject it (and infinities) first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{f.name}={value!r} must be a finite number")
         for key in ("sb_history", "sb_chunk", "sb_step", "sb_ls_max", "sb_batch_iters"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"--{key}={getattr(self, key)!r} must be positive")

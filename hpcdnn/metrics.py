@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hpcdnn.atomic import write_json
+from hpcdnn.atomic import finite, write_json
 from hpcdnn.tensorboard import TB_DIR, TensorBoardLog, scalar_tags
 
 METRICS = "metrics.jsonl"
@@ -40,7 +40,7 @@ class MetricsLog:
             return
         if self.tb is not None and "step" not in record:
             raise ValueError(f"metrics record {sorted(record)} has no step: TensorBoard needs log(step=..., ...) for its x-axis")
-        self.file.write(json.dumps(record, sort_keys=True) + "\n")
+        self.file.write(json.dumps(finite(record), sort_keys=True, allow_nan=False) + "\n")  # strict JSON: NaN -> null
         self.file.flush()
         if "step" in record:
             self.last_step = max(self.last_step, int(record["step"]))

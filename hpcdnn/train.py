@@ -15,6 +15,7 @@ the root writes a checkpoint and run_dir/preempted.json, and the run exits 0; `-
 
 from __future__ import annotations
 
+import math
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -213,6 +214,8 @@ def loop(run: Run, topo, at: Position, total: int, log: MetricsLog, val_data, st
             at.elapsed, t_last = at.elapsed + now - t_last, now
             window_images += result.images
             window_loss.append(result.loss)
+            if not math.isfinite(result.loss):  # every rank checks its own; the CLI ends the whole job (exit 2)
+                raise ValueError(diverged(run, f"the loss is {result.loss} at step {at.step}"))
             bar.update(loss=f"{result.loss:.3f}", **result.bar)
             heartbeat.note(step=at.step)
             if at.step % cfg.log_every == 0 or at.step == total:
@@ -263,6 +266,8 @@ def save_checkpoint(run: Run, topo, at: Position) -> None:
     if got is None:
         return
     params, optim, extra, rng = got
+    if not np.isfinite(params).all():  # never replace a good checkpoint with a diverged one
+        raise ValueError(diverged(run, f"the parameters are not finite at step {at.step}"))
     state = {"schedule": run.sched.state(), "elapsed": at.elapsed, "last_val": at.last_val, "model": run.model_name, **extra}
     ck.save(run.run_dir / ck.LATEST, ck.Checkpoint(params, optim, at.step, at.epoch, at.pos, run.cfg.to_toml(), state, rng))
 
@@ -305,6 +310,14 @@ def final_summary(run: Run, topo, at: Position, log: MetricsLog, val_data, val_s
         f"hpcdnn: done: val top-1 {final['top1']:.4f}, top-5 {final['top5']:.4f}; {summary['images_per_s']} img/s; summary in {cfg.run_dir}"
     )
     return topo.share(summary)
+
+
+def diverged(run: Run, what: str) -> str:
+    """The divergence error: what went non-finite, which checkpoint is kept, and the fixes."""
+    kept = run.run_dir / ck.LATEST
+    kept = f"{kept} (step {ck.step_of(kept)}) is kept" if kept.is_file() else "no checkpoint was written"
+    return (f"training diverged: {what}; {kept}. Lower --lr (now {run.cfg.lr:g}), add --warmup_epochs, or clip the "
+            f"data's outliers; --resume with a lower --lr continues from the checkpoint")  # fmt: skip
 
 
 def check_resume(cfg: Config, saved: Config, resumable: set[str]) -> None:

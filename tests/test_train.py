@@ -100,3 +100,25 @@ def test_sigusr1_stops_with_checkpoint_and_resume_is_bitwise(tiny, tmp_path):
     assert b.step == a.step == 14
     np.testing.assert_array_equal(b.params, a.params)
     assert not (run / "preempted.json").exists() and (run / "summary.json").exists()
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tiny, tmp_path, capsys):
+    """--lr=1e6: the loss goes non-finite within a few steps. The run exits 2 naming the step and the fix, the
+    last finite checkpoint stays (a diverged one is never written over it), and every JSON line is strict."""
+    run = tmp_path / "run"
+    args = ["train", "--config", "fashion_small", f"--data={tiny}", f"--run_dir={run}", "--batch_size=16", "--threads=1",
+            "--lr=1e6", "--checkpoint_every=1", "--log_every=1"]  # fmt: skip
+    assert hpcdnn(args) == 2
+    err = capsys.readouterr().err
+    kept = ck.load(run / ck.LATEST)
+    assert kept.step >= 1 and np.isfinite(kept.params).all()
+    assert "training diverged" in err and "at step" in err and "--lr" in err and f"(step {kept.step}) is kept" in err, err
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: (_ for _ in ()).throw(AssertionError(f"{c} in metrics.jsonl")))
+
+
+def test_non_finite_options_are_refused(tiny, tmp_path, capsys):
+    for bad in ("--lr=nan", "--momentum=nan", "--pca_std=inf", "--bucket_mb=nan", "--rank_memory_gb=inf"):
+        assert hpcdnn(["train", "--config", "fashion_small", f"--data={tiny}", f"--run_dir={tmp_path / 'r'}", bad]) == 2
+        assert "must be a finite number" in capsys.readouterr().err, bad
+    assert not (tmp_path / "r").exists()
