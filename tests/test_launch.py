@@ -21,7 +21,7 @@ from conftest import REPO, mpirun
 from hpcdnn import heartbeat
 from hpcdnn.launch import EXIT_LOST
 
-COMMON = ["--config=fashion_small", "--batch_size=16", "--log_every=1", "--threads=1", "--lr_schedule=constant"]
+COMMON = ["--config=fashion_small", "--batch_size=16", "--log_every=1", "--threads=1", "--lr_schedule=constant", "--lr=0.005"]
 TRAIN = [sys.executable, "-m", "hpcdnn", "train", *COMMON]
 LONG = "--epochs=100000"  # a run that only a fault or a signal ends (on tiny data an epoch is a few steps)
 
