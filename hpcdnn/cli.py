@@ -45,10 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # allow_abbrev=False: an override like --res=... must reach the config (and be refused there), not become --resume
     t = sub.add_parser("train", help="train a model; any Config key as --key=value (see train --help)", formatter_class=raw,
-                       usage="hpcdnn train [-h] [--config PRESET|FILE.toml] [--resume] [--show-config] [--key=value ...]",
+                       usage="hpcdnn train [-h] [--config PRESET|FILE.toml] [--resume] [--overwrite] [--show-config] [--key=value ...]",
                        epilog=config_help(), allow_abbrev=False)  # fmt: skip
     t.add_argument("--config", help="preset name in hpcdnn/configs or a .toml path")
     t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.h5")
+    t.add_argument("--overwrite", action="store_true", help="start afresh in a RUN_DIR that holds another run (its files are replaced)")
     t.add_argument("--show-config", "--show_config", action="store_true", help="print the resolved config and exit")
     e = sub.add_parser("eval", help="top-1/top-5 of a run's checkpoint (centre crop, optionally 10-crop)")
     e.add_argument("--run-dir", "--run_dir", required=True)
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                         "job (Open MPI under srun needs --mpi=pmix; see `srun --mpi=list`), or use mpirun inside the allocation"
                     )
             with heartbeat.watched(cfg.run_dir, comm) as beat:  # hpcdnn launch's watcher, if one runs
-                beat.end(train(cfg, resume=args.resume, comm=comm))
+                beat.end(train(cfg, resume=args.resume, comm=comm, overwrite=args.overwrite))
         elif rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         elif args.command == "eval":

@@ -57,6 +57,7 @@ class Config:
     tensorboard: bool = False  # also write metrics and summary as TensorBoard scalars in run_dir/tensorboard (needs hpcdnn[tensorboard])
     max_steps: int = 0  # stop after this many steps in total (0 = no limit; for tests and smoke runs)
     trace: str = ""  # write a Chrome-trace/Perfetto timeline of every rank to this JSON path (hpcdnn/trace.py); empty = off
+    stall_timeout: float = 600.0  # seconds a rank may go without finishing a step before it prints what it waits for and its stacks, then ends the job (0 = off)
     # distributed runs: mpirun -n N python -m mpi4py -m hpcdnn train --topology=...
     servers: int = 1  # downpour: parameter-server ranks, each owning one shard of the flat parameter vector
     placement: str = "first"  # which ranks serve: first (ranks 0..servers-1) | last | env (HPCDNN_ROLE=server|worker per rank)

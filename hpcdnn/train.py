@@ -43,7 +43,7 @@ from hpcdnn.topologies.base import Run
 
 # keys a resumed run may change: they do not change the trajectory (topologies add their own: `resumable`)
 RESUMABLE = {"epochs", "max_steps", "log_every", "checkpoint_every", "eval_ten_crop", "device", "threads", "run_dir", "placement",
-             "tensorboard", "trace"}  # fmt: skip
+             "tensorboard", "trace", "stall_timeout"}  # fmt: skip
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Position:
     last_val: dict = field(default_factory=dict)
 
 
-def train(cfg: Config, resume: bool = False, comm=None) -> dict:
+def train(cfg: Config, resume: bool = False, comm=None, overwrite: bool = False) -> dict:
     """Run (or continue) training as `cfg` says; returns the summary (also written to run_dir/summary.json).
 
     `comm` (MPI.COMM_WORLD from the CLI) is required by every topology but local.
