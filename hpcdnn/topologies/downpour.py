@@ -171,7 +171,15 @@ class Downpour(SGD):
         return sum(self.ps.summary()["worker_steps"]) * self.cfg.batch_size
 
     def summary(self) -> dict:
-        return self.totals() if self.run.is_root else {}
+        if not self.run.is_root:
+            return {}
+        totals = self.totals()
+        error, warning = push_health(totals, self.cfg)
+        if error:
+            raise ValueError(error)
+        if warning:
+            print(f"hpcdnn: warning: {warning}", flush=True)
+        return totals
 
     def close(self) -> None:
         if not self.run.is_server:
@@ -180,3 +188,19 @@ class Downpour(SGD):
                 self.ps.end()
         for ps in self.pss:
             ps.free()
+
+
+def push_health(s: dict, cfg) -> tuple[str | None, str | None]:
+    """(error, warning) from a finished run's push counts. When most pushes were rejected the model did not train, and
+    a run that says "done" would hide it: the loss can stay finite while every gradient overflows on the wire."""
+    sent, rejected = s["pushes_sent"], s["pushes_rejected"]
+    counts = f"the servers rejected {rejected} of {sent} pushes ({s['rejected_nonfinite']} non-finite, {s['rejected_stale']} stale)"
+    if rejected * 2 <= sent:
+        return None, (counts if rejected * 10 > sent else None)  # over a tenth rejected: worth a warning
+    fixes = []
+    if s["rejected_nonfinite"]:
+        fp16 = " or --push_dtype=bf16 (fp16 overflows above 65504)" if cfg.push_dtype == "fp16" else ""
+        fixes.append(f"non-finite gradients: lower --lr (now {cfg.lr:g}){fp16}")
+    if s["rejected_stale"]:
+        fixes.append(f"stale pushes: raise --max_staleness (now {cfg.max_staleness}) or use --staleness_policy=scale")
+    return f"{counts}, so the model barely trained; the checkpoint holds the servers' finite parameters. Fix {'; '.join(fixes)}", None

@@ -17,6 +17,9 @@ import pytest
 from conftest import REPO, mpirun, signal_once_logging
 from test_tensorboard import assert_same, expected_events
 
+from hpcdnn.config import Config
+from hpcdnn.topologies.downpour import push_health
+
 pytestmark = pytest.mark.mpi
 CASES = Path(__file__).with_name("downpour_cases.py")
 
@@ -174,6 +177,31 @@ def test_nan_push_is_rejected(tmp_path):
     r = case(3, "nan_push", tmp_path)
     assert r["rejected_nonfinite"] == 1 and r["pushes_applied"] == 9 and r["pushes_sent"] == 10
     assert r["finite"]
+
+
+def test_diverging_run_fails_instead_of_finishing_green(fashion_tiny, tmp_path):
+    """--lr=1e6 (issue 14's reproduction: 78 of 80 pushes rejected, exit 0): the job now ends non-zero naming the step,
+    and no checkpoint with non-finite parameters is left behind."""
+    run = tmp_path / "nan"
+    r = hpcdnn(3, *COMMON, f"--data={fashion_tiny}", f"--run_dir={run}", "--topology=downpour", "--optimizer=adagrad",
+               "--lr=1e6", "--epochs=2", ok=False)  # fmt: skip
+    assert r.returncode != 0 and "training diverged" in r.stderr and "Lower --lr" in r.stderr, r.stderr[-2000:]
+    assert not (run / "summary.json").exists()
+    if (run / "checkpoint.h5").exists():
+        assert np.isfinite(params(run)).all()
+
+
+@pytest.mark.parametrize("nonfinite,stale,fails", [(78, 0, True), (0, 41, True), (20, 20, False), (5, 0, False)])
+def test_push_health_fails_a_run_whose_pushes_were_mostly_rejected(nonfinite, stale, fails):
+    """The finished-run check on the servers' counts: over half of the pushes rejected is an error naming the counts and
+    the fix for each reason; a tenth to a half is a warning; less is silent."""
+    cfg = Config(topology="downpour", optimizer="adagrad", push_dtype="fp16", max_staleness=2)
+    counts = {"pushes_sent": 80, "pushes_rejected": nonfinite + stale, "rejected_nonfinite": nonfinite, "rejected_stale": stale}
+    error, warning = push_health(counts, cfg)
+    assert bool(error) == fails and (warning is None) == (fails or nonfinite + stale <= 8)
+    if fails:
+        assert f"rejected {nonfinite + stale} of 80 pushes" in error
+        assert ("--push_dtype=bf16" in error) == bool(nonfinite) and ("--max_staleness (now 2)" in error) == bool(stale)
 
 
 def test_stalled_worker_does_not_stop_the_others(tmp_path):
