@@ -15,7 +15,19 @@ from data_prep.pipeline import PLAN, record_path
 from data_prep.sources.base import PrepError
 from hpcdnn.atomic import write_json
 from hpcdnn.data.schema import SCHEMA_VERSION, ShardReader, check_shard, load_manifest, sha256_file, write_manifest
+from hpcdnn.data.trust import manifest_problems, outside
 from hpcdnn.kernels.stats import ImageStats
+
+
+def read_json(path: Path, fix: str) -> dict:
+    """A JSON object from `path`; a damaged file (truncated, not JSON, not an object) raises PrepError naming it and `fix`."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PrepError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(value, dict):
+        raise PrepError(f"{path}: a JSON {type(value).__name__}, expected an object; {fix}")
+    return value
 
 
 def load_plan(out: Path) -> dict:
@@ -25,7 +37,11 @@ def load_plan(out: Path) -> dict:
         raise PrepError(
             f"{path} not found: {out} is not a data-prep output directory (run `data-prep imagenet|folder|idx --out {out}` first)"
         )
-    plan = json.loads(path.read_text())
+    fix = f"the plan of this output directory is damaged; choose a new --out, or delete {out} and prepare again"
+    plan = read_json(path, fix)
+    missing = [k for k in ("splits", "source", "settings", "image_shape", "classes") if k not in plan]
+    if missing and plan.get("schema_version") == SCHEMA_VERSION:
+        raise PrepError(f"{path}: keys {missing} missing; {fix}")
     if plan.get("schema_version") != SCHEMA_VERSION:
         raise PrepError(
             f"{path}: schema_version {plan.get('schema_version')!r}, this data-prep writes {SCHEMA_VERSION}; "
@@ -42,7 +58,7 @@ def finalize(out: Path, max_reject_fraction: float) -> dict:
         for shard in info["shards"]:
             rec = record_path(out, shard["file"])
             if rec.is_file():
-                records[shard["file"]] = json.loads(rec.read_text())
+                records[shard["file"]] = read_json(rec, "delete it and re-run the same data-prep command (that shard is made again)")
             else:
                 missing.append(shard["file"])
     if missing:
@@ -85,12 +101,15 @@ def finalize(out: Path, max_reject_fraction: float) -> dict:
 
 
 def verify(out: Path) -> list[str]:
-    """Every problem found re-hashing and re-checking the shards against the manifest, each naming its file."""
+    """Every problem found checking the manifest's statistics, paths and counts and re-hashing and re-checking the
+    shards against it, each naming its file. A shard whose path leads outside `out` is reported, never opened."""
     manifest = load_manifest(out)
-    problems = []
+    problems = manifest_problems(out, manifest)
     for info in manifest["splits"].values():
         for s in info["shards"]:
             path = out / s["file"]
+            if outside(out, s["file"]):
+                continue  # manifest_problems named it
             if not path.is_file():
                 problems.append(f"{path}: missing")
                 continue
@@ -107,9 +126,6 @@ def verify(out: Path) -> list[str]:
                 encoding=manifest["encoding"],
             ):
                 problems.append(f"{path}: {p}")
-    mean = out / manifest["mean"]
-    if not mean.is_file():
-        problems.append(f"{mean}: missing (mean image)")
     return problems
 
 
@@ -131,6 +147,8 @@ def describe(out: Path, per_class: bool = True) -> str:
         if per_class:
             counts = Counter()
             for s in info["shards"]:
+                if outside(out, s["file"]):
+                    continue  # never opened: `data-prep verify` names it
                 with ShardReader(out / s["file"]) as r:
                     counts.update({int(k): int(v) for k, v in zip(*np.unique(r.labels, return_counts=True))})
             shown = ", ".join(f"{m['classes'][k]['name'].split(',')[0]}={counts[k]}" for k in sorted(counts)[:12])

@@ -19,6 +19,10 @@ Reading: HDF5 files are opened lazily by the thread that reads them and closed w
 threads or a fork; the prefetch thread is hpcdnn/data/prefetch.py). A raw shard is read one image per `ds[i]` call, or
 one slice per run of neighbouring samples; never with a list index (h5py's point selection is orders of magnitude
 slower). JPEG shards decode on `workers` threads (Pillow frees the GIL).
+
+Trust: the constructor refuses, before step 1, a data directory whose manifest, mean image or shards of the split fail
+hpcdnn.data.trust (non-finite statistics, shard paths leading outside it, counts, labels outside the classes); a
+sample that fails to read or decode later raises an error naming its shard file, index and key.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ import torch
 
 from hpcdnn import trace
 from hpcdnn.data.prefetch import BatchIterator, stop_producers
-from hpcdnn.data.schema import ShardReader, decode_jpeg, load_manifest
+from hpcdnn.data.schema import MANIFEST, ShardReader, decode_jpeg, load_manifest
+from hpcdnn.data.trust import manifest_problems, shards_problems
 from hpcdnn.kernels.augment import augment, augment_torch, center_offsets, draw, ten_crop_views
 from hpcdnn.kernels.jit import numba_threads
 from hpcdnn.placement import usable_cpus
@@ -63,6 +68,7 @@ class ShardLoader:
         splits = self._manifest["splits"]
         if split not in splits:
             raise ValueError(f"split {split!r} not in {self.directory / 'manifest.json'}; present: {', '.join(sorted(splits))}")
+        self._refuse_untrusted(split)
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside [0, world={world})")
         if batch_size < 1 or prefetch < 1:
@@ -84,16 +90,11 @@ class ShardLoader:
         self.crop = crop or min(h, w)
         if train and (self.crop > h + 2 * pad or self.crop > w + 2 * pad):
             raise ValueError(f"crop {self.crop} with pad {pad} does not fit the {h}x{w} images; use crop <= {min(h, w) + 2 * pad}")
-        self.mean = np.ascontiguousarray(np.load(self.directory / self._manifest["mean"]), dtype=np.float32)
-        if self.mean.shape != (h, w, c):
-            raise ValueError(f"{self._manifest['mean']}: shape {self.mean.shape}, expected the image shape {(h, w, c)}")
-        if scale is None:
-            if "channel_std" not in self._manifest:
-                raise ValueError(f"{self.directory / 'manifest.json'} has no channel_std for the default scale: pass scale=")
-            std = np.asarray(self._manifest["channel_std"], dtype=np.float64)
-            scale = 1.0 / np.where(std > 0, std, 1.0)
+        self.mean = np.ascontiguousarray(np.load(self.directory / self._manifest["mean"]), dtype=np.float32)  # checked by trust
+        if scale is None:  # channel_std is finite and > 0 (trust.manifest_problems)
+            scale = 1.0 / np.asarray(self._manifest["channel_std"], dtype=np.float64)
         self.scale = np.ascontiguousarray(np.broadcast_to(np.asarray(scale, dtype=np.float32), (c,)))
-        pca = self._manifest.get("pca") or {"eigval": [0.0] * c, "eigvec": np.eye(c).tolist()}
+        pca = self._manifest["pca"]
         self.eigval, self.eigvec = np.asarray(pca["eigval"], np.float64), np.asarray(pca["eigvec"], np.float64)
         self.per_rank = self.total // world
         self.num_batches = self.per_rank // batch_size if self.drop_last else -(-self.per_rank // batch_size)
@@ -103,6 +104,19 @@ class ShardLoader:
         self._iterators: weakref.WeakSet = weakref.WeakSet()
         self._threads: list[threading.Thread] = []  # every producer started, joined by close()
         self._own: tuple[dict, ThreadPoolExecutor | None] | None = None  # read_samples' files and decode pool (caller's thread)
+
+    def _refuse_untrusted(self, split: str) -> None:
+        """Raise before step 1 if the manifest or a shard of `split` cannot be trusted (statistics, paths, counts,
+        labels: see hpcdnn.data.trust), rather than train on NaN or drop samples silently or fail mid-run."""
+        problems = manifest_problems(self.directory, self._manifest)
+        if not problems:  # a shard path outside the directory is never opened
+            problems = shards_problems(self.directory, self._manifest, split)
+        if problems:
+            shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+            raise ValueError(
+                f"{self.directory / MANIFEST}: the data set cannot be trusted:\n  {shown}\n"
+                f"Prepare it again with data-prep into a new --out; `data-prep verify {self.directory}` lists every problem"
+            )
 
     # ---- what the data set is
     @property
@@ -209,14 +223,17 @@ class ShardLoader:
                 readers[shard[k]] = ShardReader(self.files[shard[k]])
             r, a, b = readers[shard[k]], local[k], local[k] + end - k
             labels[k:end] = r.labels[a:b]
-            if self.encoding != "raw":
-                jpegs.extend((j, r.images[i]) for j, i in zip(range(k, end), range(a, b)))
-            elif (end - k) * out[0].nbytes >= 1 << 21:  # >= 2 MiB: read_direct skips a temporary (1.4x at 32 x 256x256x3)
-                r.images.read_direct(out, np.s_[a:b], np.s_[k:end])
-            elif end - k > 1:  # shorter runs: one slice beats per-image reads 1.5-5x on small images (read_direct costs ~90 us)
-                out[k:end] = r.images[a:b]
-            else:
-                out[k] = r.images[a]
+            try:
+                if self.encoding != "raw":
+                    jpegs.extend((j, r, i, r.images[i]) for j, i in zip(range(k, end), range(a, b)))
+                elif (end - k) * out[0].nbytes >= 1 << 21:  # >= 2 MiB: read_direct skips a temporary (1.4x at 32 x 256x256x3)
+                    r.images.read_direct(out, np.s_[a:b], np.s_[k:end])
+                elif end - k > 1:  # shorter runs: one slice beats per-image reads 1.5-5x on small images (read_direct costs ~90 us)
+                    out[k:end] = r.images[a:b]
+                else:
+                    out[k] = r.images[a]
+            except OSError as e:  # a damaged chunk: name where, not just h5py's "can't read data"
+                raise self._bad_sample(r, a, f"cannot be read ({e})", b - a) from e
         if jpegs:
             decode = self._decoder(out)
             list(pool.map(decode, jpegs)) if pool else [decode(item) for item in jpegs]
@@ -224,13 +241,28 @@ class ShardLoader:
 
     def _decoder(self, out: np.ndarray):
         def decode(item):
-            j, data = item
-            image = decode_jpeg(data)
+            j, r, i, data = item
+            try:
+                image = decode_jpeg(data)
+            except Exception as e:  # noqa: BLE001 - Pillow raises many kinds; the message names the sample
+                raise self._bad_sample(r, i, f"does not decode as JPEG ({type(e).__name__}: {e})") from e
             if image.shape != out.shape[1:]:
-                raise ValueError(f"{self.split} sample {j} of a batch decodes to {image.shape}, manifest says {out.shape[1:]}")
+                raise self._bad_sample(r, i, f"decodes to {image.shape}, the manifest says {out.shape[1:]}")
             out[j] = image
 
         return decode
+
+    def _bad_sample(self, reader: ShardReader, index: int, what: str, run: int = 1) -> ValueError:
+        """The error for sample `index` (and the `run` - 1 after it) of a shard that fails mid-run: file, index, key, fix."""
+        which = (
+            f"sample {index} (key {reader.keys[index]!r})"
+            if run == 1
+            else f"samples {index}..{index + run - 1} (first key {reader.keys[index]!r})"
+        )
+        return ValueError(
+            f"{reader.path}: {which} {what}; the shard is damaged: `data-prep verify {self.directory}` checks every shard, "
+            "re-run data-prep into a new --out to replace it"
+        )
 
     def _params(self, epoch: int, batch: int, n: int):
         """Crop offsets, flips and colour shifts for one batch: a function of (seed, epoch, rank, batch) only."""
