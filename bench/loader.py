@@ -32,7 +32,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -41,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_prep import cli
 from hpcdnn.data.loader import ShardLoader
-from hpcdnn.data.schema import load_manifest
+from hpcdnn.data.schema import load_manifest, open_readonly
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 BATCH = 128
@@ -88,7 +87,7 @@ class H5Samples(Dataset):
 
     def __getitem__(self, i: int):
         if self.images is None:
-            files = [h5py.File(f, "r") for f in self.files]
+            files = [open_readonly(f) for f in self.files]
             self.images, self.labels = [f["images"] for f in files], [f["labels"][...] for f in files]
         k = bisect.bisect_right(self.starts, i) - 1
         img = torch.from_numpy(self.images[k][i - self.starts[k]]).permute(2, 0, 1)  # CHW uint8
