@@ -33,7 +33,7 @@ fashion-mnist:
 demo: install fashion-mnist
 	$(BIN)/data-prep idx --dir $(FASHION) --out $(DATA)/fashion-mnist --shard-size 8192
 	$(BIN)/data-prep verify $(DATA)/fashion-mnist
-	$(BIN)/hpcdnn train --config fashion_small --data=$(DATA)/fashion-mnist --run_dir=runs/demo
+	$(BIN)/hpcdnn train --config fashion_small --data=$(DATA)/fashion-mnist --run_dir=runs/demo --overwrite
 	$(BIN)/hpcdnn plot runs/demo -o runs/demo/curves.png
 
 test: install

@@ -4,15 +4,24 @@ The plan (a seeded shuffle of each split, cut into shards) depends only on the i
 so any number of MPI ranks or job-array tasks write exactly the bytes a serial run writes: shard g goes to
 worker g mod W. Each finished shard leaves a small record in DIR/.parts (count, sha256, rejects, exact
 statistics); a shard whose record and hash agree is skipped on a re-run, anything else is redone.
+DIR is ours once it holds plan.json: a non-empty directory without one is refused, and a run holds DIR/.locks
+(flock) so a second run into the same DIR is refused while the first lives (job-array tasks share it, see OutLock).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
+import os
+import socket
+import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +37,9 @@ from hpcdnn.progress import Bar
 
 PLAN = "plan.json"
 PARTS = ".parts"
+LOCKS = ".locks"
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # file systems without flock (Lustre -o noflock)
 
 
 @dataclass
@@ -81,19 +93,130 @@ def shard_items(source: Source, split: str, settings: Settings) -> list[list]:
     return [[items[j] for j in perm[k : k + settings.shard_size]] for k in range(0, len(items), settings.shard_size)]
 
 
+def check_out(out: Path) -> None:
+    """Refuse, before any write, an --out that is a file or a non-empty directory that is not a data-prep output of ours."""
+    if out.exists() and not out.is_dir():
+        raise PrepError(f"--out {out} exists and is not a directory; give a directory (new or empty) for the shards")
+    if not out.is_dir() or (out / PLAN).is_file():
+        return  # new, or ours: a re-run resumes
+    # what a run that was killed, or is starting beside us (job-array tasks), leaves before plan.json exists
+    foreign = sorted(e.name for e in os.scandir(out) if e.name not in (PARTS, LOCKS) and not e.name.startswith(f"{PLAN}.tmp."))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" … ({len(foreign)} entries)" if len(foreign) > 5 else "")
+        raise PrepError(
+            f"--out {out} is not empty and is not a data-prep output (no {PLAN}; it holds {shown}); "
+            "choose a new or empty directory, or remove its contents"
+        )
+
+
 def check_plan(out: Path, plan: dict) -> None:
     """Write plan.json, or check an existing one matches: a DIR is never mixed from two different inputs."""
     path = out / PLAN
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise PrepError(f"{path} is not valid JSON ({e}): this output's plan is damaged; choose a new --out, or empty {out}") from None
         if old != plan:
-            diff = [k for k in plan if old.get(k) != plan[k]]
+            diff = [k for k in plan if not isinstance(old, dict) or old.get(k) != plan[k]]
+            settings = old.get("settings") if isinstance(old, dict) else old
             raise PrepError(
-                f"{out} was started with different inputs or settings (differs in: {', '.join(diff)}; was {json.dumps(old.get('settings'))}); "
+                f"{out} was started with different inputs or settings (differs in: {', '.join(diff)}; was {json.dumps(settings)}); "
                 "re-run with the same arguments to resume, or choose a new --out"
             )
     else:
-        write_json(path, plan)
+        with no_space_as(path):
+            write_json(path, plan)
+
+
+class OutLock:
+    """flock()s held for a run so that two runs never write one --out at once; the kernel drops them when a run dies.
+
+    A whole run holds DIR/.locks/out exclusively. Job-array task i of N holds it shared (tasks write different
+    shards of one DIR at the same time) and DIR/.locks/task-i-of-N exclusively (the same task twice is refused).
+    Where the file system has no flock (Lustre mounted -o noflock) the run goes on with a warning.
+    """
+
+    def __init__(self, out: Path, task: int = 0, tasks: int = 1):
+        self.out, self.task, self.tasks, self.files = out, task, tasks, []
+
+    def __enter__(self) -> OutLock:
+        (self.out / LOCKS).mkdir(exist_ok=True)
+        whole = self.tasks == 1
+        role = "data-prep" if whole else f"data-prep job-array task {self.task} of {self.tasks}"
+        try:
+            self.take("out", fcntl.LOCK_EX if whole else fcntl.LOCK_SH, role)
+            if not whole:
+                self.take(f"task-{self.task}-of-{self.tasks}", fcntl.LOCK_EX, role)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def take(self, name: str, mode: int, role: str) -> None:
+        """Lock DIR/.locks/NAME without waiting and write who holds it; a held lock raises naming its holder."""
+        path = self.out / LOCKS / name
+        f = open(path, "a+b", buffering=0)  # held open for the run (closed in __exit__); unbuffered: close has nothing to flush
+        try:
+            fcntl.flock(f, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().decode(errors="replace").strip() or "another process"
+            f.close()
+            raise PrepError(
+                f"{self.out} is being written by {holder} (lock {path}); wait for that run to end or stop it. "
+                "Two runs into one --out would write the same shards; job-array tasks need distinct --task-index"
+            ) from None
+        except OSError as e:
+            f.close()
+            if e.errno not in NO_FLOCK:
+                raise
+            print(
+                f"data-prep: warning: {path}: no flock on this file system ({e.strerror}); a concurrent run goes undetected",
+                file=sys.stderr,
+            )
+            return
+        self.files.append(f)
+        with no_space_as(path):
+            f.truncate(0)
+            f.write(f"{role}, pid {os.getpid()} on {socket.gethostname()}\n".encode())
+
+    def __exit__(self, *exc) -> None:
+        for f in self.files:
+            f.close()  # closing the file releases its lock
+        self.files = []
+
+
+class NoSpace(Exception):
+    """A write into --out ran out of disk (ENOSPC) or quota (EDQUOT); `in_hdf5` when it happened inside the HDF5 library."""
+
+    def __init__(self, path: Path, in_hdf5: bool = False):
+        super().__init__(f"no space left on device writing {path}")
+        self.path, self.in_hdf5 = path, in_hdf5
+
+
+def is_no_space(e: BaseException | None) -> bool:
+    """True for an out-of-disk or out-of-quota error, also when h5py keeps the errno only in its message."""
+    return (isinstance(e, OSError) and e.errno in NO_SPACE) or any(f"errno = {n}," in str(e) for n in NO_SPACE)
+
+
+@contextlib.contextmanager
+def no_space_as(path: Path, in_hdf5: bool = False) -> Iterator[None]:
+    """Turn a full disk or quota met inside the block into NoSpace(path): one line for the user, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        if not is_no_space(e):
+            raise
+        raise NoSpace(path, in_hdf5) from None
+
+
+def kept_shards(out: Path) -> int:
+    """How many shards of DIR are finished (record and file present): what a re-run keeps."""
+    parts = out / PARTS
+    if not parts.is_dir():
+        return 0
+    return sum(1 for r in parts.glob("*.json") if (out / r.name.removesuffix(".json")).is_file())
 
 
 def record_path(out: Path, file: str) -> Path:
@@ -106,7 +229,10 @@ def is_done(out: Path, file: str) -> bool:
     record = record_path(out, file)
     if not (record.exists() and (out / file).exists()):
         return False
-    return json.loads(record.read_text())["sha256"] == sha256_file(out / file)
+    try:
+        return json.loads(record.read_text())["sha256"] == sha256_file(out / file)
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        return False  # a damaged record: the shard is written again (and the record with it)
 
 
 class ShardStats:
@@ -161,8 +287,9 @@ def write_shard(
     file = job["file"]
     remove_stale_tmp(out / file)
     attrs = {"num_classes": num_classes, "source": source_name, "split": job["split"], "shard_index": job["index"]}
-    # no directory fsync: the record below (fsynced with its directory) marks completion, and a resume re-hashes the shard
-    schema.write(out / file, images if schema.encoding == "raw" else jpegs, labels, keys, attrs, sync_dir=False)
+    with no_space_as(out / file, in_hdf5=True):  # the half-written temporary is deleted on the way out
+        # no directory fsync: the record below (fsynced with its directory) marks completion, and a resume re-hashes the shard
+        schema.write(out / file, images if schema.encoding == "raw" else jpegs, labels, keys, attrs, sync_dir=False)
     record = {
         "file": file,
         "split": job["split"],
@@ -174,7 +301,8 @@ def write_shard(
         "converted": converted,
         "stats": stats.to_json(),
     }
-    write_json(record_path(out, file), record)
+    with no_space_as(record_path(out, file)):
+        write_json(record_path(out, file), record)
     return record
 
 

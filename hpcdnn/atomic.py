@@ -7,6 +7,7 @@ Shards, manifests and checkpoints all go through here.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -15,6 +16,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 TMP_MARK = ".tmp."
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, a full quota
+
+
+class NoSpaceError(ValueError):
+    """A write that ran out of disk or quota: one line naming the file and what was kept; the CLI prints it as an error
+    without a traceback (a ValueError, so every caller that reports bad input reports this too). `in_hdf5`: the HDF5
+    library met it (it may then crash closing that file at exit: end the process with os._exit)."""
+
+    def __init__(self, message: str, path: Path, in_hdf5: bool = False) -> None:
+        super().__init__(message)
+        self.path, self.in_hdf5 = path, in_hdf5
+
+
+def is_no_space(e: BaseException) -> bool:
+    """True for an out-of-disk or out-of-quota error, also when h5py keeps the errno only in its message."""
+    return (isinstance(e, OSError) and e.errno in NO_SPACE) or any(f"errno = {n}," in str(e) for n in NO_SPACE)
 
 
 def tmp_name(path: Path) -> Path:
@@ -33,7 +50,8 @@ def fsync_path(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, sync_dir: bool = True) -> Iterator[Path]:
-    """Yield a temporary path to write; on success fsync it and rename it to `path`, else delete it.
+    """Yield a temporary path to write; on success fsync it and rename it to `path`, else delete it. A full disk or
+    quota (in the block too, h5py's included) raises NoSpaceError naming `path`.
 
     sync_dir=False skips the directory fsync (the rename may then be lost in a power cut, never torn): for files
     whose completion is recorded, and re-checked, elsewhere.
@@ -46,6 +64,11 @@ def atomic_path(path: str | os.PathLike, sync_dir: bool = True) -> Iterator[Path
         os.replace(tmp, path)
         if sync_dir:
             fsync_path(path.parent)
+    except OSError as e:  # a full disk: one line, the temporary removed, `path` as it was
+        if not is_no_space(e):
+            raise
+        kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+        raise NoSpaceError(f"no space left on device writing {path}; {kept}", path, in_hdf5="errno = " in str(e)) from None
     finally:
         if tmp.exists():
             tmp.unlink()

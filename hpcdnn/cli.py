@@ -6,6 +6,7 @@
   hpcdnn plot  RUN [RUN ...] -o out.png
   hpcdnn plot  --trace TRACE.json -o timeline.png [--window START,END]     (a run's --trace=TRACE.json)
   hpcdnn launch [--heartbeat_timeout=S] -- mpirun ... hpcdnn train ... --run_dir R   (ends the job when a rank is lost)
+  hpcdnn simulate [--plan] [--workers W --servers P --device D --link-gbit G] [--key=value ...]   (docs/scaling.md)
 Presets live in hpcdnn/configs/ (fashion_small, imagenet_alexnet); every Config field is a --key=value override
 (`hpcdnn train --help` lists them). Flags take dashes or underscores alike: --run-dir or --run_dir.
 """
@@ -20,6 +21,7 @@ import signal
 import sys
 
 from hpcdnn import heartbeat, tensorboard
+from hpcdnn.atomic import NoSpaceError
 from hpcdnn.config import describe_fields, load_config
 
 
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="evaluate on another data-prep directory")
     e.add_argument("--split", help="split to evaluate (default: the run's validation split)")
     sub.add_parser("launch", help="run a launcher command, watch every rank's heartbeat, end the job when one is lost (launch --help)")
+    sub.add_parser("simulate", help="plan (--plan) or emulate training on a simulated cluster (simulate --help)")
     p = sub.add_parser("plot", help="loss and accuracy curves of one or more runs, or the timeline of a --trace file")
     p.add_argument("runs", nargs="*")
     p.add_argument("--trace", help="draw this trace file (hpcdnn train --trace=PATH) instead: one row per rank and track")
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         from hpcdnn.launch import main as launch
 
         return launch(argv[1:])
+    if argv[:1] == ["simulate"]:  # its own parser: cluster knobs, then Config overrides (hpcdnn/sim/cli.py)
+        from hpcdnn.sim.cli import main as simulate
+
+        return simulate(argv[1:])
     if argv[:1] == ["train"]:
         from hpcdnn import stop
 
@@ -133,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, tensorboard.MissingTensorBoard) as err:
         where = f" (rank {comm.Get_rank()})" if comm is not None and comm.Get_size() > 1 else ""
         print(f"hpcdnn: error{where}: {err}", file=sys.stderr, flush=True)
+        code = 1 if isinstance(err, NoSpaceError) else 2  # a full disk is not bad input: exit 1, as data-prep does
         if where:
-            comm.Abort(2)  # the other ranks may be waiting in a collective or on a window: end the whole job now
-        return 2
+            comm.Abort(code)  # the other ranks may be waiting in a collective or on a window: end the whole job now
+        if isinstance(err, NoSpaceError) and err.in_hdf5:  # HDF5 cannot close that file again: it would crash at exit
+            sys.stdout.flush()
+            os._exit(code)
+        return code

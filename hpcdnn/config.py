@@ -49,7 +49,7 @@ class Config:
     topology: str = "local"  # hpcdnn.topologies.TOPOLOGIES: local (one process) | allreduce | downpour | sandblaster (mpirun)
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 = the CPUs of this process
-    seed: int = 0  # seeds the model init, the sample order and the augmentation
+    seed: int = 0  # seeds the model init, the sample order and the augmentation (0 .. 2**32 - 1)
     run_dir: str = "runs/default"  # config, metrics.jsonl, summary.json, checkpoints, plots
     log_every: int = 50  # steps between metrics lines
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch only
@@ -119,6 +119,10 @@ class Config:
             raise ValueError(
                 f"--sb_batch_growth={self.sb_batch_growth} and --slow_factor={self.slow_factor} must be >= 1 (1 = fixed batch / not slowed)"
             )
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:") and self.device[5:].isdigit()):
+            raise ValueError(f"--device={self.device!r} is not one of auto, cpu, cuda, cuda:N (N: a GPU index)")
+        if not 0 <= self.seed < 2**32:  # numpy's seed range; torch and the loader's generators take it whole
+            raise ValueError(f"--seed={self.seed} is outside [0, 2**32 - 1 = {2**32 - 1}]")
         if self.slow_rank < -1:
             raise ValueError(f"--slow_rank={self.slow_rank}: give a rank number, or -1 for no straggler")
         for key in ("lr", "batch_size", "epochs", "lr_factor", "log_every", "servers", "n_fetch", "n_push", "bucket_mb", "mp"):
@@ -162,15 +166,25 @@ class Config:
         return "\n".join(lines) + "\n"
 
 
-def resolve(cfg: Config, manifest: dict) -> tuple[str, str, int]:
-    """The model name, evaluation split and crop that `cfg` means for the data set described by `manifest`."""
+def resolve(cfg: Config, manifest: dict, option: str = "--val_split") -> tuple[str, str, int]:
+    """The model name, evaluation split and crop that `cfg` means for the data set described by `manifest` (`option`:
+    the flag that chose the split, for the errors)."""
     shape = tuple(manifest["image_shape"])
     model = cfg.model if cfg.model != "auto" else default_model(shape)
     splits = manifest["splits"]
     val = cfg.val_split if cfg.val_split != "auto" else ("val" if "val" in splits else "test")
     if val not in splits:
-        raise ValueError(f"--val_split={val}: {cfg.data} has splits {sorted(splits)}")
+        raise ValueError(f"{option}={val}: {cfg.data} has splits {', '.join(sorted(splits))}")
+    check_split(cfg.data, manifest, val, option)
     return model, val, cfg.crop or default_crop(model, shape)
+
+
+def check_split(data: str, manifest: dict, split: str, option: str) -> None:
+    """An evaluation split must hold samples (the loader's "no full batch" would blame a batch size the user never set)."""
+    splits = manifest["splits"]
+    if not splits[split].get("count", 0):
+        others = [f"{k} ({v.get('count', 0)})" for k, v in sorted(splits.items()) if k != split]
+        raise ValueError(f"{option}={split}: {data} has no samples in split {split!r}; choose another split: {', '.join(others) or 'none'}")
 
 
 def _toml_value(v) -> str:
@@ -239,8 +253,12 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None) -
         if not path.is_file():
             names = sorted(p.stem for p in PRESETS.glob("*.toml"))
             raise ValueError(f"config {preset!r} not found; presets: {', '.join(names)} (or give a path to a .toml file)")
-        with open(path, "rb") as f:
-            cfg = apply(cfg, tomllib.load(f), str(path))
+        try:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid TOML ({e}); fix the file, or start from a preset: --config fashion_small") from None
+        cfg = apply(cfg, values, str(path))
     cfg = apply(cfg, parse_overrides(overrides or []), "command line")
     cfg.validate()
     return cfg

@@ -37,6 +37,8 @@ def evaluate(model: torch.nn.Module, loader) -> dict:
         correct5 += hits.any(dim=1).sum().item()
         count += y.shape[0]
     model.train(was_training)
+    if not count:
+        raise ValueError(f"{loader.directory}: split {loader.split!r} gave no samples to evaluate; evaluate another split")
     return {"top1": correct1 / count, "top5": correct5 / count, "loss": loss_sum / count, "count": count}
 
 
@@ -48,13 +50,16 @@ def evaluate_run(run_dir: str | Path, ten_crop: bool = False, data: str | None =
     from hpcdnn.models.flat import FlatParams
     from hpcdnn.placement import pick_device
 
+    if not (Path(run_dir) / ck.LATEST).is_file():  # ck.load's message is about --resume
+        raise FileNotFoundError(f"{Path(run_dir) / ck.LATEST} not found: --run_dir must name a run directory with a checkpoint")
     saved = ck.load(Path(run_dir) / ck.LATEST)
     cfg = apply(Config(), tomllib.loads(saved.config), "checkpoint")
     if data:
         cfg = apply(cfg, {"data": data}, "--data")
+    if split:
+        cfg = apply(cfg, {"val_split": split}, "--split")
     manifest = load_manifest(cfg.data)
-    model_name, val_split, crop = resolve(cfg, manifest)
-    split = split or val_split
+    model_name, split, crop = resolve(cfg, manifest, "--split" if split else "--val_split")
     device = pick_device(cfg.device)
     model = build_model(model_name, len(manifest["classes"]), tuple(manifest["image_shape"]), crop).to(device)
     FlatParams(model).load_flat(saved.params)

@@ -3,6 +3,7 @@ evaluation, metrics and summary, for every topology (hpcdnn/topologies: local, a
 
     hpcdnn train --config fashion_small --run_dir runs/fm              # Fashion-MNIST, alexnet_small, 2 CPU cores
     hpcdnn train --config fashion_small --run_dir runs/fm --resume     # continue exactly where it stopped
+    hpcdnn train --config fashion_small --run_dir runs/fm --overwrite  # replace it (without either: refused, nothing changed)
     hpcdnn train --config imagenet_alexnet --data /scratch/imagenet --run_dir runs/alexnet
     mpirun -n 3 python -m mpi4py -m hpcdnn train --config fashion_downpour --servers=1
     mpirun -n 2 python -m mpi4py -m hpcdnn train --config fashion_small --topology=allreduce
@@ -64,7 +65,7 @@ def train(cfg: Config, resume: bool = False, comm=None, overwrite: bool = False)
     """
     kind = topology(cfg.topology)
     stop = stopsig.install()  # from here on SIGUSR1/SIGTERM only set a flag, on every rank (servers too)
-    run, val_split = setup(cfg, resume, comm, kind)
+    run, val_split = setup(cfg, resume, comm, kind, overwrite)
     heartbeat.note(role="server" if run.is_server else "worker")  # for `hpcdnn launch`'s watcher (no-op without one)
     trace.start(cfg.trace, run.roles.comm if run.roles else None, "server" if run.is_server else "worker", run.is_root)  # collective
     topo = kind(run)  # collective: windows, communicators, restored state
@@ -115,8 +116,8 @@ def train(cfg: Config, resume: bool = False, comm=None, overwrite: bool = False)
     return summary
 
 
-def setup(cfg: Config, resume: bool, comm, kind) -> tuple[Run, str]:
-    """Roles, placement, the checkpoint to resume from, the data set's manifest and the model (collective)."""
+def setup(cfg: Config, resume: bool, comm, kind, overwrite: bool = False) -> tuple[Run, str]:
+    """Roles, placement, the run directory, the checkpoint to resume from, the data set's manifest and the model (collective)."""
     n_servers, roles = kind.n_servers(cfg), None
     if n_servers is not None:
         if comm is None:
@@ -130,8 +131,7 @@ def setup(cfg: Config, resume: bool, comm, kind) -> tuple[Run, str]:
         from hpcdnn.mpi.roles import split_replicas
 
         replica = split_replicas(roles, cfg.mp)  # collective over the workers
-    if is_root:
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    root_result(roles, lambda: ck.claim_run_dir(cfg.run_dir, resume, overwrite) if is_root else None)  # another run's dir: refused
     place = Placement.decide(cfg.device, cfg.threads, roles.comm if roles else None, computing=not is_server)
     saved = root_result(roles, lambda: ck.load(Path(cfg.run_dir) / ck.LATEST) if resume else None)
     if saved:
@@ -148,6 +148,9 @@ def setup(cfg: Config, resume: bool, comm, kind) -> tuple[Run, str]:
     run = Run(cfg, comm, roles, place.device, place.threads, model, FlatParams(model), model_name, crop, manifest, sched, saved,
               replica)  # fmt: skip
     run.param_total = replica.comm.allreduce(run.flat.param_count) if replica is not None else run.flat.param_count
+    run.data_sha256 = ck.manifest_sha256(cfg.data)
+    if saved:  # every rank: re-prepared data, another world size
+        ck.check_fit(saved, cfg, run.world, kind.same_world)
     return run, val_split
 
 
@@ -179,8 +182,6 @@ def budget_check(cfg: Config, meta: torch.nn.Module, crop: int, channels: int) -
     Activations count whole on every rank (a partitioned model's activations are replicated)."""
     if not cfg.rank_memory_gb:
         return
-    import math
-
     from hpcdnn.memory import activation_bytes_per_sample, check_budget, rank_bytes
     from hpcdnn.mpi.partition import layers, partition_numel, plan
 
@@ -269,7 +270,8 @@ def save_checkpoint(run: Run, topo, at: Position) -> None:
     if not np.isfinite(params).all():  # never replace a good checkpoint with a diverged one
         raise ValueError(diverged(run, f"the parameters are not finite at step {at.step}"))
     state = {"schedule": run.sched.state(), "elapsed": at.elapsed, "last_val": at.last_val, "model": run.model_name, **extra}
-    ck.save(run.run_dir / ck.LATEST, ck.Checkpoint(params, optim, at.step, at.epoch, at.pos, run.cfg.to_toml(), state, rng))
+    ck.save(run.run_dir / ck.LATEST, ck.Checkpoint(params, optim, at.step, at.epoch, at.pos, run.cfg.to_toml(), state, rng, run.data_sha256,
+                                                   run.world, len(run.roles.workers) if run.roles else 1, run.cfg.mp))  # fmt: skip
 
 
 @trace.traced("final evaluation", "driver", "driver")

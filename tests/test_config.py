@@ -43,12 +43,23 @@ def test_overrides_are_typed():
         (["--lr=0"], "must be positive"),
         (["--lr"], "needs a value"),
         (["epochs=3"], "overrides look like --key=value"),
+        (["--device=tpu"], "--device='tpu' is not one of auto, cpu, cuda, cuda:N"),
+        (["--device=cuda:x"], "is not one of auto, cpu, cuda, cuda:N"),
+        (["--seed=-1"], "--seed=-1 is outside [0, 2**32 - 1 = 4294967295]"),
+        ([f"--seed={2**64}"], f"--seed={2**64} is outside [0, 2**32 - 1"),
     ],
 )
 def test_bad_overrides_refused(args, message):
     with pytest.raises(ValueError, match=None) as err:
         load_config(None, args)
     assert message in str(err.value)
+
+
+def test_malformed_toml_names_the_file(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text("lr = 0.1\nepochs = [\n")
+    with pytest.raises(ValueError, match=f"{path}: not valid TOML"):
+        load_config(str(path))
 
 
 def test_unknown_preset_lists_presets():

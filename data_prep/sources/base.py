@@ -70,8 +70,15 @@ def inside(path: Path, root: Path) -> bool:
         return False
 
 
+def printable(name: str) -> str:
+    """`name` as valid UTF-8 text: bytes that are not UTF-8 (kept by Python as surrogates) become \\xNN escapes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def list_files(directory: Path, root: Path, label: int, key_prefix: str) -> list[Item]:
-    """Items for the non-hidden files in `directory` (sorted; not recursive). Symlinks leaving `root` are rejected."""
+    """Items for the non-hidden files in `directory` (sorted; not recursive). Symlinks leaving `root` are rejected, and so
+    are names that are not UTF-8: a shard key, the manifest and the rejects list are UTF-8 text, and such a name cannot be
+    written there as it is (the reject names it with \\xNN escapes, and it counts against --max-reject-fraction)."""
     items = []
     with os.scandir(directory) as it:
         entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
@@ -79,8 +86,12 @@ def list_files(directory: Path, root: Path, label: int, key_prefix: str) -> list
         path = Path(e.path)
         if e.is_dir(follow_symlinks=False):
             continue
-        key = f"{key_prefix}{e.name}"
-        if e.is_symlink() and not inside(path, root):  # plain entries of a directory inside root are inside root
+        key = f"{key_prefix}{printable(e.name)}"
+        if key != f"{key_prefix}{e.name}":
+            items.append(
+                Item(key, label, str(path), reject="file name is not valid UTF-8; rename the file (e.g. convmv -f latin1 -t utf8)")
+            )
+        elif e.is_symlink() and not inside(path, root):  # plain entries of a directory inside root are inside root
             items.append(Item(key, label, str(path), reject=f"symlink points outside the input root {root}: {os.path.realpath(path)}"))
         elif not path.is_file():
             items.append(Item(key, label, str(path), reject="not a regular file (dangling symlink or special file)"))
@@ -92,6 +103,12 @@ def list_files(directory: Path, root: Path, label: int, key_prefix: str) -> list
 def class_dirs(directory: Path, root: Path) -> list[str]:
     """Sorted names of the non-hidden subdirectories; a class directory leaving `root` is refused."""
     names = sorted(e.name for e in os.scandir(directory) if not e.name.startswith(".") and e.is_dir())
+    garbled = [printable(n) for n in names if printable(n) != n]
+    if garbled:
+        raise PrepError(
+            f"class directories in {directory} have names that are not valid UTF-8: {', '.join(garbled[:10])}; a class name must be text, "
+            "rename them (e.g. convmv -f latin1 -t utf8 -r --notest DIR)"
+        )
     escaping = [n for n in names if not inside(directory / n, root)]
     if escaping:
         raise PrepError(

@@ -51,7 +51,11 @@ def read_meta(path: Path) -> dict[int, tuple[str, str]]:
 def read_plain_labels(path: Path) -> dict[str, str]:
     """A 'filename wnid' file -> {filename: wnid}; paths escaping the split directory are refused."""
     labels = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise PrepError(f"{path}: not UTF-8 text ({e}); a labels file holds 'filename wnid' lines") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
         parts = line.split()

@@ -17,6 +17,7 @@ from hpcdnn.topologies.sgd import Local
 
 class Allreduce(Local):
     name = "allreduce"
+    same_world = True  # a position counts batches of every replica
     per_rank_rng = True
 
     @classmethod

@@ -5,6 +5,7 @@ what a step is. For every topology the driver calls, on every rank of the job:
 
   Kind.n_servers(cfg)           ranks set apart as servers (split by mpi/roles.py); None: one process, no MPI
   Kind.check(cfg)               reject settings this topology cannot run (from Config.validate)
+  Kind.same_world               True: a resume needs the checkpoint's replica count (allreduce, sandblaster)
   topo = Kind(run)              collective: windows, communicators, restored optimizer state
   topo.serve()                  server ranks only: serve until every worker is done
   topo.position(saved)          (step, epoch, steps done in that epoch) to continue from
@@ -54,6 +55,7 @@ class Run:
     saved: ck.Checkpoint | None = None
     replica: object = None  # hpcdnn.mpi.roles.Replica when a replica spans several ranks (--mp > 1), else None
     param_total: int = 0  # parameters of the whole model (every partition of a replica)
+    data_sha256: str = ""  # the data's manifest fingerprint (checkpoint.manifest_sha256): checkpoints keep it
 
     @property
     def is_root(self) -> bool:
@@ -111,6 +113,7 @@ class Topology:
     name = ""
     resumable: frozenset[str] = frozenset()  # config keys this topology lets a resumed run change
     final_checkpoint = False  # write one more checkpoint after finish() (state settles only then)
+    same_world = False  # a resume must have the checkpoint's replica count (positions count batches of every replica)
 
     @classmethod
     def n_servers(cls, cfg) -> int | None:
@@ -189,6 +192,11 @@ def part_sizes(run: Run) -> list[int]:
 def my_part(run: Run, vector: np.ndarray, sizes: list[int] | None) -> np.ndarray:
     """This rank's partition of a checkpoint vector (the whole vector without model parallelism)."""
     if run.replica is None:
+        if vector.shape[-1:] != (run.flat.numel,):
+            raise ValueError(
+                f"{run.run_dir / ck.LATEST} holds vectors of shape {vector.shape}, this run's {run.model_name} needs "
+                f"{run.flat.numel:,} values: it was written for another model or data set; resume with its settings or start a new --run_dir"
+            )
         return vector
     if sizes is None or len(sizes) != run.replica.size or sum(sizes) != vector.size:
         raise ValueError(

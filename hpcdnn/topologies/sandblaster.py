@@ -40,6 +40,7 @@ COUNTERS = ("lbfgs_iterations", "gradient_evals", "line_search_evals", "line_sea
 
 class Sandblaster(Topology):
     name = "sandblaster"
+    same_world = True  # a position counts batches of the global batch split over the replicas
     # the timing knobs change only which rank computes which portion, not the trajectory
     resumable = frozenset({"slow_rank", "slow_factor", "sb_backup_after", "sb_dynamic"})
 

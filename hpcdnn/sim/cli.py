@@ -1,0 +1,94 @@
+"""`hpcdnn simulate`: the cost model's plan for a cluster (--plan), or an emulated run that trains for real on a
+simulated clock (hpcdnn/sim/emulate.py). Knobs of the simulated cluster are below; the training recipe is a Config
+(--config PRESET and any --key=value override, as `hpcdnn train` takes them).
+
+  hpcdnn simulate --plan --config imagenet_alexnet --device=gtx580 --workers=2 --link-gbit=64     # the AlexNet paper
+  hpcdnn simulate --plan --config imagenet_alexnet --device=v100 --workers=64 --servers=8 --link-gbit=100
+  hpcdnn simulate --config fashion_downpour --workers=8 --servers=2 --device=v100 --link-gbit=10 --run_dir=runs/sim8
+  hpcdnn simulate --config fashion_small --topology=allreduce --workers=4 --device=cpu --max_steps=100
+  hpcdnn simulate --terms                                                                          # the cost terms
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hpcdnn.sim.profiles import DATASETS, DEVICES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The simulated cluster's knobs; everything else on the command line is a Config override."""
+    p = argparse.ArgumentParser(prog="hpcdnn simulate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False,
+                                epilog="Any other --key=value is a training Config key (hpcdnn train --help lists them): --topology, "
+                                       "--optimizer, --batch_size, --epochs, --max_steps, --n_fetch, --n_push, --push_dtype, "
+                                       "--warmstart_steps, --bucket_mb, --sb_*, --run_dir, --seed ...")  # fmt: skip
+    p.add_argument("--config", help="preset name in hpcdnn/configs or a .toml path (the training recipe)")
+    p.add_argument("--plan", action="store_true", help="print predicted images/s and time per epoch of every topology; no training")
+    p.add_argument("--terms", action="store_true", help="print the cost model's terms as a Markdown table and exit")
+    p.add_argument("--overwrite", action="store_true", help="emulator: replace the run in RUN_DIR (as train --overwrite)")
+    p.add_argument("--json", action="store_true", help="with --plan: print the prediction as JSON")
+    p.add_argument("--workers", type=int, default=1, help="simulated replicas W (default 1)")
+    p.add_argument("--servers", type=int, default=1, help="simulated parameter servers P for downpour (default 1)")
+    p.add_argument("--device", default="cpu", help=f"device profile of a replica: {', '.join(DEVICES)} (cpu = this machine, measured)")
+    p.add_argument("--link-gbit", "--link_gbit", type=float, default=10.0, help="link speed of every worker and server, Gbit/s (10)")
+    p.add_argument("--latency-us", "--latency_us", type=float, default=5.0, help="latency of one message or one-sided operation, us (5)")
+    p.add_argument("--server-mem-gbs", "--server_mem_gbs", type=float, default=0.0,
+                   help="a parameter server's memory bandwidth for its update, GB/s (0 = the device's)")  # fmt: skip
+    p.add_argument("--compute-cv", "--compute_cv", type=float, default=0.0,
+                   help="emulator: coefficient of variation of a replica's compute time per step, lognormal (0 = fixed)")  # fmt: skip
+    p.add_argument("--straggler-cv", "--straggler_cv", type=float, default=0.0,
+                   help="plan: Sandblaster portion-time coefficient of variation (slowest of W: normal tail)")  # fmt: skip
+    p.add_argument("--clock-seed", "--clock_seed", type=int, default=0, help="emulator: seed of the compute-time draws")
+    p.add_argument("--dataset", help=f"plan: {', '.join(DATASETS)} (default: the config's data directory)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Plan or emulate as the arguments say; errors print one line and return 2, as `hpcdnn train` does."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        return run(args, rest)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"hpcdnn simulate: error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+def run(args: argparse.Namespace, rest: list[str]) -> int:
+    """Check the knobs (each error names the flag), then print the terms, print the plan, or emulate."""
+    from hpcdnn.config import load_config
+    from hpcdnn.sim.emulate import SimOptions
+
+    if args.terms:
+        from hpcdnn.sim.plan import terms_table
+
+        print(terms_table())
+        return 0
+    for name in ("workers", "servers"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}={getattr(args, name)}: must be >= 1")
+    for name in ("link_gbit", "latency_us", "server_mem_gbs", "compute_cv", "straggler_cv"):
+        if not getattr(args, name) >= 0 or (name == "link_gbit" and args.link_gbit == 0):
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be a number >= 0 (link > 0)")
+    if args.device not in DEVICES:
+        raise ValueError(f"--device={args.device!r} is not a known profile; known: {', '.join(DEVICES)} (hpcdnn/sim/profiles.py)")
+    cfg = load_config(args.config, rest)
+    sim = SimOptions(args.workers, args.servers, args.device, args.link_gbit, args.latency_us, args.server_mem_gbs, args.compute_cv,
+                     args.clock_seed)  # fmt: skip
+    if args.plan:
+        from dataclasses import replace
+
+        from hpcdnn.sim.plan import plan
+
+        cluster = replace(sim.cluster(cfg.threads or 2), straggler_cv=args.straggler_cv)
+        print(plan(cfg, cluster, args.dataset, as_json=args.json))
+        return 0
+    from hpcdnn.sim.emulate import emulate
+
+    s = emulate(cfg, sim, overwrite=args.overwrite)
+    print(f"hpcdnn simulate: {s['topology']} x {s['workers']} on {s['device']}: {s['steps']} steps in {s['train_time_s']:.3f} simulated s "
+          f"({s['images_per_s']} img/s; predicted {s['predicted_images_per_s']}), val top-1 {s['val_top1']:.4f}; summary in {cfg.run_dir}")  # fmt: skip
+    return 0
