@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 
-from hpcdnn import heartbeat, tensorboard
+from hpcdnn import heartbeat, tensorboard, watchdog
 from hpcdnn.atomic import NoSpaceError
 from hpcdnn.config import describe_fields, load_config
 
@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"this is a one-rank MPI job but Slurm started {tasks} tasks: the launcher did not wire them into one "
                         "job (Open MPI under srun needs --mpi=pmix; see `srun --mpi=list`), or use mpirun inside the allocation"
                     )
-            with heartbeat.watched(cfg.run_dir, comm) as beat:  # hpcdnn launch's watcher, if one runs
-                beat.end(train(cfg, resume=args.resume, comm=comm, overwrite=args.overwrite))
+            with watchdog.watched(cfg.stall_timeout, comm):  # launcher gone: exit; no step for --stall_timeout s: end the job
+                with heartbeat.watched(cfg.run_dir, comm) as beat:  # hpcdnn launch's watcher, if one runs
+                    beat.end(train(cfg, resume=args.resume, comm=comm, overwrite=args.overwrite))
         elif rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         elif args.command == "eval":

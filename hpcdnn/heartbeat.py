@@ -24,6 +24,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from hpcdnn import watchdog
+
 ENV = "HPCDNN_WATCH"
 FILE = "watch.json"  # in the run directory, while a watcher runs: {"watch": "TOKEN@HOST:PORT,..."}
 INTERVAL_S = 1.0  # between heartbeats
@@ -152,7 +154,10 @@ def watched(run_dir: str | os.PathLike | None, comm=None) -> Iterator[Beat]:
 
 
 def note(role: str | None = None, step: int | None = None) -> None:
-    """Record this rank's role or current step for the next heartbeat (nothing when no watcher is connected)."""
+    """Record this rank's role or current step for the next heartbeat (nothing when no watcher is connected); a step
+    also restarts the stall clock (hpcdnn/watchdog.py)."""
+    if step is not None:
+        watchdog.progress(step)
     beat = _current
     if beat is None:
         return

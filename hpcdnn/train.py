@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from hpcdnn import checkpoint as ck
-from hpcdnn import heartbeat, trace
+from hpcdnn import heartbeat, trace, watchdog
 from hpcdnn import stop as stopsig
 from hpcdnn.atomic import write_bytes
 from hpcdnn.config import Config, apply, resolve
@@ -73,6 +73,7 @@ def train(cfg: Config, resume: bool = False, comm=None, overwrite: bool = False)
         topo.serve()
         topo.close()
         trace.finish()  # collective: rank 0 writes cfg.trace
+        stopsig.end_cleanly(run.roles, run.run_dir, 0, None, stopped=False, servers=True)  # tell the root: ended cleanly
         run.roles.free()
         stop.close()
         return {}
@@ -93,22 +94,19 @@ def train(cfg: Config, resume: bool = False, comm=None, overwrite: bool = False)
     val_data = ShardLoader(cfg.data, val_split, 256, train=False, **run.loader_args()) if run.in_root_replica else None
     stopped = loop(run, topo, at, total, log, val_data, stop)
     stop.close()
-    topo.finish(at.epoch, at.pos)  # Downpour: last push, report done; the root waits for every worker
-    if topo.final_checkpoint:
-        save_checkpoint(run, topo, at)
-
-    summary = {}
-    if stopped:
-        if run.is_root:
-            stopsig.mark_preempted(run.run_dir, at.step, stop.received)
-        summary = {"preempted": True, "steps": at.step}
-    else:
-        summary = final_summary(run, topo, at, log, val_data, val_split)
+    with watchdog.paused():  # the slowest worker may finish long after the rest, and the root evaluates alone
+        topo.finish(at.epoch, at.pos)  # Downpour: last push, report done; the root waits for every worker
+        if topo.final_checkpoint:
+            save_checkpoint(run, topo, at)
+        summary = {"preempted": True, "steps": at.step} if stopped else final_summary(run, topo, at, log, val_data, val_split)
     log.close()
     if val_data is not None:
         val_data.close()
+    # a stop is a preemption (root: preempted.json) only if every rank ends cleanly: workers before teardown, servers after
+    stopsig.end_cleanly(run.roles, run.run_dir, at.step, stop.received, stopped, servers=False)
     topo.close()
     trace.finish()
+    stopsig.end_cleanly(run.roles, run.run_dir, at.step, stop.received, stopped, servers=True)
     if run.replica is not None:
         run.replica.free()
     if run.roles:
@@ -237,7 +235,8 @@ def loop(run: Run, topo, at: Position, total: int, log: MetricsLog, val_data, st
             if not stopped:
                 raise RuntimeError(f"epoch {at.epoch} ended after {at.pos} of {n} steps without a stop (a bug, please report)")
         if at.pos >= n:  # a full epoch: evaluate (root), adapt the rate, checkpoint
-            end_epoch(run, topo, at, log, val_data)
+            with watchdog.paused():  # the other ranks wait for the root's evaluation: no stall
+                end_epoch(run, topo, at, log, val_data)
             window_t = time.perf_counter()
         save_checkpoint(run, topo, at)  # Downpour: the root's snapshot of the servers while the others keep pushing
     bar.close()

@@ -29,7 +29,9 @@
 #     sends SIGUSR1 to the launcher, which forwards it to every rank (Open MPI 5's mpirun and srun both do); the
 #     ranks finish their step, the root writes RUN_DIR/checkpoint.h5 and RUN_DIR/preempted.json, all exit 0;
 #     SIGTERM is never passed on: Open MPI's mpirun kills its ranks ~1 s after a SIGTERM;
-#   * a fresh RUN_DIR/preempted.json after the launcher returns -> `scontrol requeue $SLURM_JOB_ID`; a launcher
+#   * a fresh RUN_DIR/preempted.json after the launcher returns with exit 0 and no fresh RUN_DIR/failed.json ->
+#     `scontrol requeue $SLURM_JOB_ID` (the root writes it only once every rank, servers too, said it ends cleanly;
+#     with a non-zero exit or a lost rank it is a crash: the job fails and the marker is removed); a launcher
 #     still running STOP_GRACE s after preempted.json appeared (a rank hung in teardown) is ended first; one that
 #     hangs STOP_GRACE s after the run wrote summary.json is ended and the job exits 0;
 #     a signal that arrives before the launcher started requeues without starting it;
@@ -167,7 +169,7 @@ hpcdnn_train_args() {
 # top of this file); then requeue the job if the run stopped for a signal. Returns the launcher's exit code,
 # or exits 0 after a requeue.
 hpcdnn_run() {
-  local rc start prev now marker="$RUN_DIR/preempted.json"
+  local rc start prev now marker="$RUN_DIR/preempted.json" crashed=""
   prev=$(_hpcdnn_step "$marker")  # the step the last preempted run of this RUN_DIR stopped at (if any)
   if [ -n "$_HPCDNN_SIGNAL" ]; then
     hpcdnn_log "SIG$_HPCDNN_SIGNAL arrived during setup: requeueing without starting (the checkpoint is unchanged)"
@@ -189,7 +191,14 @@ hpcdnn_run() {
     [ "$_HPCDNN_TRAPPED" = 1 ] || break  # a trapped signal interrupts `wait`: wait again for the real exit code
   done
   _HPCDNN_PID=
-  if _hpcdnn_fresh "$marker" "$start"; then
+  # a preemption: a fresh marker, and the launcher exited 0 (or was ended by _hpcdnn_watch after the marker) with
+  # no lost rank; a marker with anything else is a crash the launcher ended (it SIGTERMs the survivors): no requeue
+  if _hpcdnn_fresh "$marker" "$start" && { [ "$rc" != 0 ] && [ "$_HPCDNN_ENDED" != 1 ] || _hpcdnn_fresh "$RUN_DIR/failed.json" "$start"; }; then
+    hpcdnn_log "ERROR: the run left $marker but the launcher exited $rc$(_hpcdnn_fresh "$RUN_DIR/failed.json" "$start" \
+      && echo " and the watcher lost a rank ($RUN_DIR/failed.json)"): a crash, not a preemption: not requeueing"
+    rm -f "$marker"  # not a preemption: the checkpoint stays for a resubmission with RUN_DIR=$RUN_DIR
+    crashed=1
+  elif _hpcdnn_fresh "$marker" "$start"; then
     now=$(_hpcdnn_step "$marker")
     hpcdnn_log "stopped by a signal at step ${now:-?} (launcher exit $rc)"
     if [ -n "$prev" ] && [ -n "$now" ] && [ "$now" -le "$prev" ]; then
@@ -206,7 +215,7 @@ hpcdnn_run() {
     hpcdnn_log "the run had finished (RUN_DIR/summary.json) before its launcher was ended: exit 0"
     return 0
   fi
-  [ -n "$_HPCDNN_SIGNAL" ] && hpcdnn_log "SIG$_HPCDNN_SIGNAL arrived but the run left no $marker (launcher exit $rc): not requeueing"
+  [ -n "$_HPCDNN_SIGNAL" ] && [ -z "$crashed" ] && hpcdnn_log "SIG$_HPCDNN_SIGNAL arrived but the run left no $marker (launcher exit $rc): not requeueing"
   hpcdnn_log "launcher exited $rc"
   return "$rc"
 }

@@ -41,7 +41,7 @@ import os
 import torch
 from mpi4py import MPI
 
-from hpcdnn import trace
+from hpcdnn import trace, watchdog
 from hpcdnn.models.flat import FlatParams
 from hpcdnn.mpi.ring import RingAllreduce, wait_all
 
@@ -200,7 +200,10 @@ class GradAllreduce:
         """
         grad = self._live().grad
         if self.cuda:
-            with trace.span("allreduce", "comm", "comm", buckets=len(self.buckets), mode="cuda"):
+            with (
+                trace.span("allreduce", "comm", "comm", buckets=len(self.buckets), mode="cuda"),
+                watchdog.Waiting("MPI Allreduce of the gradient (CUDA)"),
+            ):
                 self._synchronize_cuda(grad)
         elif self.overlap or any(self._rings):  # rings need the buckets: blocking mode starts them all here
             while self._next < len(self.buckets):
@@ -208,7 +211,10 @@ class GradAllreduce:
             with trace.span("allreduce wait", "comm", "comm", in_flight=len(self._open)):
                 self._wait()
         else:  # one call: MPI pipelines a large message itself, and each extra bucket costs a call (see the docstring)
-            with trace.span("allreduce", "comm", "comm", bytes=grad.numel() * grad.element_size()):
+            with (
+                trace.span("allreduce", "comm", "comm", bytes=grad.numel() * grad.element_size()),
+                watchdog.Waiting("MPI Allreduce of the gradient"),
+            ):
                 self.comm.Allreduce(MPI.IN_PLACE, self._buffer(grad), MPI.SUM)
         if self.size > 1:
             grad.div_(self.size)

@@ -35,7 +35,7 @@ import math
 import numpy as np
 from mpi4py import MPI
 
-from hpcdnn import trace
+from hpcdnn import trace, watchdog
 from hpcdnn.kernels.lbfgs import Step, gram, lincomb, line_search, two_loop_coefficients
 from hpcdnn.models.flat import shard_ranges
 
@@ -97,7 +97,8 @@ class ShardedLBFGS:
         buf = np.empty(part.size + 1)
         buf[:-1] = part.ravel()
         buf[-1] = np.abs(self.V[self.g_row], dtype=np.float64).sum()
-        self.comm.Allreduce(MPI.IN_PLACE, buf)
+        with watchdog.Waiting("the L-BFGS Gram Allreduce"):
+            self.comm.Allreduce(MPI.IN_PLACE, buf)
         dots, self.g_norm1 = buf[:-1].reshape(part.shape), float(buf[-1])
         if p is not None:
             self.pending = None
@@ -122,7 +123,8 @@ class ShardedLBFGS:
             gtd = -float(self.G[self.g_row, self.g_row])
         mine = np.empty(self.hi - self.lo, self.dtype)
         lincomb(self.V, coef, mine)
-        self.shards.Allgatherv(mine, [self.d, self._counts, self._displs, self._mpi_type])
+        with watchdog.Waiting("the L-BFGS direction Allgatherv"):
+            self.shards.Allgatherv(mine, [self.d, self._counts, self._displs, self._mpi_type])
         return self.d, gtd
 
     def propose(self, t: float, d: np.ndarray, g_new: np.ndarray) -> None:
@@ -137,7 +139,8 @@ class ShardedLBFGS:
     @trace.traced("lbfgs dot", "sandblaster", "comm")
     def dot(self, u: np.ndarray, v: np.ndarray) -> float:
         """u . v from this rank's columns and one allreduce (each a shard or a full vector): the same value on every rank."""
-        return self.comm.allreduce(float(np.dot(self.shard(u).astype(np.float64), self.shard(v))), op=MPI.SUM)
+        with watchdog.Waiting("the L-BFGS dot-product allreduce"):
+            return self.comm.allreduce(float(np.dot(self.shard(u).astype(np.float64), self.shard(v))), op=MPI.SUM)
 
     def gather(self, v: np.ndarray, root: int = 0) -> np.ndarray | None:
         """The full vector of every rank's shard `v` (e.g. the gradient, for a checkpoint) on `root` (of shard_comm), else None."""

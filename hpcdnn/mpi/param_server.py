@@ -39,7 +39,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from hpcdnn import trace
+from hpcdnn import trace, watchdog
 from hpcdnn.kernels import precision, update
 from hpcdnn.models.flat import shard_ranges
 from hpcdnn.mpi import control as ctl
@@ -131,9 +131,10 @@ class ParamServer:
     def wait_applied(self, s: int, worker: int, seq: int) -> np.ndarray:
         """Wait until shard s has applied `seq` pushes of `worker` (its slot is free, its writes are visible); returns
         the head words read last."""
-        wait = Backoff()
-        while (head := self.head(s))[self.layout.done + worker] < seq:
-            wait()
+        wait, server = Backoff(), self.roles.servers[s]
+        with watchdog.Waiting(f"a push to parameter server shard {s} (its slot is still busy)", watchdog.world_rank(self.comm, server)):
+            while (head := self.head(s))[self.layout.done + worker] < seq:
+                wait()
         return head
 
     def post(self, s: int, worker: int, grad: np.ndarray, row: np.ndarray, seq: int, clock: int) -> None:
@@ -186,11 +187,12 @@ class ParamServer:
         W, last = self.layout.workers, time.monotonic()
         for server in self.roles.servers:
             wait = Backoff(0.01)
-            while (done := int(self.words.read(server, ctl.FINISHED, 1)[0])) < W:
-                if report and time.monotonic() - last > 30:
-                    report(f"waiting for {W - done} worker(s) to finish")
-                    last = time.monotonic()
-                wait()
+            with watchdog.Waiting("the other workers' last pushes (their count on this server)", watchdog.world_rank(self.comm, server)):
+                while (done := int(self.words.read(server, ctl.FINISHED, 1)[0])) < W:
+                    if report and time.monotonic() - last > 30:
+                        report(f"waiting for {W - done} worker(s) to finish")
+                        last = time.monotonic()
+                    wait()
 
     @trace.traced("snapshot", "comm", "comm")
     def snapshot(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
@@ -200,10 +202,12 @@ class ParamServer:
         state = np.empty(self.numel, np.float32) if self.adagrad or self.momentum else None
         rows = np.empty((len(self.roles.servers), self.layout.rows, ctl.ROW), np.int64)
         for i, (server, (lo, hi)) in enumerate(zip(self.roles.servers, self.shards)):
-            self.comm.Send(np.zeros(1, np.int64), dest=server, tag=TAG_SNAP)
-            self.comm.Recv(params[lo:hi], source=server, tag=TAG_STATE)
-            self.comm.Recv(state[lo:hi] if state is not None else np.empty(hi - lo, np.float32), source=server, tag=TAG_STATE)
-            self.comm.Recv(rows[i], source=server, tag=TAG_STATE)
+            waiting = watchdog.Waiting(f"a snapshot from parameter server shard {i}", watchdog.world_rank(self.comm, server))
+            with waiting:
+                self.comm.Send(np.zeros(1, np.int64), dest=server, tag=TAG_SNAP)
+                self.comm.Recv(params[lo:hi], source=server, tag=TAG_STATE)
+                self.comm.Recv(state[lo:hi] if state is not None else np.empty(hi - lo, np.float32), source=server, tag=TAG_STATE)
+                self.comm.Recv(rows[i], source=server, tag=TAG_STATE)
         return params, state, rows
 
     def end(self) -> None:
@@ -280,9 +284,13 @@ def serve_all(servers: list[ParamServer], busy: float = 0.002, poll_active: floa
     `poll_active` seconds while pushes came within the last `active` seconds, else up to `poll_max`. Why so short
     while training: over TCP a worker's RMA operation on this server completes only when the server next enters
     MPI (measured across two namespaces: a 16-word atomic read took 17 ms with 2 ms naps, 2.5 ms with 0.2 ms naps,
-    0.6 ms spinning), and a push + fetch is ~6 such operations. Each wake-up costs ~10 us."""
+    0.6 ms spinning), and a push + fetch is ~6 such operations. Each wake-up costs ~10 us.
+
+    Every pass restarts the stall clock (hpcdnn/watchdog.py): a server waiting for pushes is not stalled; a server
+    stuck inside MPI stops passing, and the workers waiting on it name it in their own stall reports."""
     live, idle_since, wait = list(servers), time.monotonic(), Backoff(poll_max)
     while live:
+        watchdog.progress()
         applied = 0
         for ps in list(live):
             n, ended = ps.poll()

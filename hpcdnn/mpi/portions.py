@@ -45,7 +45,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 from mpi4py import MPI
 
-from hpcdnn import trace
+from hpcdnn import trace, watchdog
 from hpcdnn.models.flat import shard_ranges
 from hpcdnn.mpi.window import SharedWindow
 
@@ -84,6 +84,7 @@ class Portions:
         if not -1 <= slow_rank < size:
             raise ValueError(f"--slow_rank={slow_rank} but there are {size} ranks: use 0..{size - 1}, or -1 for none")
         self.comm, self.count, self.coordinator, self.dynamic = comm, count, coordinator, dynamic
+        self.coordinator_rank = watchdog.world_rank(comm, coordinator)  # named by a stall report
         self.rank, self.size = comm.Get_rank(), size
         self.follow = follow  # the replica's ranks (--mp): its rank 0 decides, the others follow
         self.leads = follow is None or follow.Get_rank() == 0  # claims, and counts its results (the partners do not)
@@ -119,7 +120,8 @@ class Portions:
         while True:
             backup = idle_since is not None
             if not backup:
-                k = self.claims.fetch_and_op(1, self.coordinator, 0) - self.base
+                with watchdog.Waiting("a portion claim (Fetch_and_op on the coordinator)", self.coordinator_rank):
+                    k = self.claims.fetch_and_op(1, self.coordinator, 0) - self.base
                 claims += 1
                 if k >= self.count:
                     idle_since, idle_t = time.perf_counter(), trace.now()
@@ -130,7 +132,8 @@ class Portions:
                 if not pending.size:
                     break
                 if self.backup_after == math.inf or time.perf_counter() - idle_since < self.backup_after * self.portion_time:
-                    time.sleep(POLL_S)
+                    with watchdog.Waiting(f"the last portions of evaluation {e}, computed elsewhere"):
+                        time.sleep(POLL_S)
                     continue
                 k = int(pending[self.rank % pending.size])
                 self.stats.backup += 1
@@ -257,7 +260,8 @@ class Objective:
         if self.wd:  # by shards, summed in the allreduce: every rank gets the same bits (decisions depend on f)
             mine = self.x[self.lo : self.hi].astype(np.float64)
             buf[n + 4] = mine @ mine
-        with trace.span("objective reduce", "comm", "comm", full=self.full):  # also the stop agreement (the votes)
+        waiting = watchdog.Waiting("the Sandblaster objective's Allreduce (loss, gradient, claims, stop votes)")
+        with trace.span("objective reduce", "comm", "comm", full=self.full), waiting:  # also the stop agreement (the votes)
             if self.full and self.shards is self.comm:
                 self.comm.Allreduce(MPI.IN_PLACE, buf)
                 g = buf[:n]

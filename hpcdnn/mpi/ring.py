@@ -22,6 +22,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from hpcdnn import watchdog
+
 
 class RingAllreduce:
     """Sum `buf` (a 1-D float32 array) in place over `comm` with a ring; start() posts the first step."""
@@ -36,6 +38,7 @@ class RingAllreduce:
             raise ValueError(f"scratch holds {scratch.size} floats, a chunk {max(c.size for c in self.chunks)}: a bug, please report")
         self.scratch = scratch
         self.left, self.right = (self.rank - 1) % p, (self.rank + 1) % p
+        self.left_rank = watchdog.world_rank(comm, self.left)  # whom a stall report says this ring waits for
         self.step = 2 * (p - 1)  # not started: nothing to do
         self._reqs: list[MPI.Request] = []
         self._into = -1  # chunk the current reduce-scatter step adds into
@@ -85,11 +88,18 @@ def wait_all(rings: list[RingAllreduce], requests: list[MPI.Request] | None = No
     whose spin keeps a core from ranks still computing when ranks outnumber cores (the virtual cluster of tests/cluster
     and one host, both MPIs; README).
     """
-    while rings:
-        before = sum(ring.step for ring in rings)
-        for ring in rings:
-            ring.advance()
-        if sum(ring.step for ring in rings) == before:
-            time.sleep(0)
-        rings = [ring for ring in rings if not ring.done]
-    MPI.Request.Waitall(requests or [])
+    first = None
+    with watchdog.Waiting("ring allreduce") as waiting:  # a stall names the bucket and the left neighbour it needs
+        while rings:
+            if rings[0] is not first:
+                first = rings[0]
+                waiting.update(f"ring allreduce of bucket {first.tag} (receiving from its left neighbour)", first.left_rank)
+            before = sum(ring.step for ring in rings)
+            for ring in rings:
+                ring.advance()
+            if sum(ring.step for ring in rings) == before:
+                time.sleep(0)
+            rings = [ring for ring in rings if not ring.done]
+        if requests:
+            waiting.update("MPI Iallreduce of the small gradient buckets")
+            MPI.Request.Waitall(requests)

@@ -26,6 +26,8 @@ import threading
 import numpy as np
 from mpi4py import MPI
 
+from hpcdnn import watchdog
+
 CHUNK = 1 << 28  # elements per MPI call (counts are C ints)
 
 
@@ -43,6 +45,8 @@ class BaseWindow:
         self.local = np.frombuffer(self._win.tomemory(), dtype=self.dtype, count=int(count)) if count else np.empty(0, self.dtype)
         self.local[:] = 0
         self._mutex = threading.Lock()  # Window: serialises this process's epochs (a comm thread and the main thread)
+        self._ranks = [watchdog.world_rank(comm, r) for r in range(comm.Get_size())]  # targets as a stall report names them
+        self._waiting = False  # Window: this epoch recorded a wait (watchdog.begin), cleared by _complete
         self.counts = comm.allgather(int(count))  # each rank's part, to check offsets before MPI sees them
         comm.Barrier()  # everyone's part is zeroed before anyone reads it
 
@@ -129,9 +133,11 @@ class Window(BaseWindow):
 
     def _start(self, target: int) -> None:
         self._mutex.acquire()  # one epoch per window at a time in this process: a second thread's Lock would be erroneous MPI
+        self._waiting = watchdog.begin("an RMA epoch (Lock, operation, Unlock) on a window", self._ranks[target])
         try:
             self.win.Lock(target, MPI.LOCK_SHARED)
         except BaseException:
+            self._complete_wait()
             self._mutex.release()
             raise
 
@@ -139,7 +145,13 @@ class Window(BaseWindow):
         try:
             self.win.Unlock(target)
         finally:
+            self._complete_wait()
             self._mutex.release()
+
+    def _complete_wait(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            watchdog.end()
 
     # -- bulk transfers (one lock epoch each)
     def put(self, array: np.ndarray, target: int, offset: int = 0) -> None:
@@ -240,7 +252,12 @@ class SharedWindow(BaseWindow):
         """Nothing to open: the Lock_all epoch is always open."""
 
     def _complete(self, target: int) -> None:
-        self.win.Flush(target)
+        waiting = watchdog.begin("an RMA Flush on a window", self._ranks[target])
+        try:
+            self.win.Flush(target)
+        finally:
+            if waiting:
+                watchdog.end()
 
     def free(self) -> None:
         """Collective over `comm`: end the Lock_all epoch, then free."""

@@ -10,7 +10,7 @@ that hold the same partition, and a checkpoint holds the K partitions concatenat
 
 from __future__ import annotations
 
-from hpcdnn import trace
+from hpcdnn import trace, watchdog
 from hpcdnn.topologies.base import Run, gather_parts, gathered_rng, part_sizes
 from hpcdnn.topologies.sgd import Local
 
@@ -43,7 +43,8 @@ class Allreduce(Local):
     def stop_requested(self, signalled: bool) -> bool:
         from mpi4py import MPI
 
-        return bool(self.comm.allreduce(int(signalled), op=MPI.MAX))
+        with watchdog.Waiting("the stop agreement (an allreduce of every rank's stop flag)"):
+            return bool(self.comm.allreduce(int(signalled), op=MPI.MAX))
 
     def share(self, value):
         return self.comm.bcast(value, root=0)
