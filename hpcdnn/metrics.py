@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
-from hpcdnn.atomic import finite, write_json
+from hpcdnn.atomic import NoSpaceError, finite, is_no_space, write_json
 from hpcdnn.tensorboard import TB_DIR, TensorBoardLog, scalar_tags
 
 METRICS = "metrics.jsonl"
@@ -40,8 +41,17 @@ class MetricsLog:
             return
         if self.tb is not None and "step" not in record:
             raise ValueError(f"metrics record {sorted(record)} has no step: TensorBoard needs log(step=..., ...) for its x-axis")
-        self.file.write(json.dumps(finite(record), sort_keys=True, allow_nan=False) + "\n")  # strict JSON: NaN -> null
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(finite(record), sort_keys=True, allow_nan=False) + "\n")  # strict JSON: NaN -> null
+            self.file.flush()
+        except OSError as e:
+            if not is_no_space(e):
+                raise
+            with contextlib.suppress(OSError):  # drop the unwritten line: close() must not raise it again at exit
+                self.file.close()
+            self.enabled = False
+            raise NoSpaceError(f"no space left on device writing {self.path}; free space or move --run_dir, then --resume "
+                               "continues from the last checkpoint (if one was written)", self.path) from None  # fmt: skip
         if "step" in record:
             self.last_step = max(self.last_step, int(record["step"]))
         if self.tb is not None:

@@ -1,9 +1,11 @@
 """Checkpoints are untrusted input: every way a file can differ from what `save` writes is refused before a byte of
 its arrays is used, with an error naming the file and the fault; a full disk keeps the previous checkpoint."""
 
+import contextlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -175,4 +177,36 @@ def test_training_on_a_full_disk_ends_with_one_line(tiny, tmp_path):
         assert ck.load(run / ck.LATEST).step == 1
         assert not [p.name for p in run.iterdir() if ".tmp." in p.name]
     finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_disk_filling_up_mid_run_ends_with_one_line(tiny, tmp_path):
+    """The run directory's disk fills while the run logs a line per step (batches of 2: the metrics file needs a new
+    page long before the epoch's checkpoint): one error line naming metrics.jsonl, exit 1, no traceback."""
+    mnt = tmp_path / "small"
+    small_tmpfs(mnt, 2 << 20)
+    run = mnt / "run"
+    cmd = [sys.executable, "-m", "hpcdnn", "train", "--config", "fashion_small", f"--data={tiny}", f"--run_dir={run}",
+           "--batch_size=2", "--lr=0.005", "--epochs=400", "--threads=1", "--log_every=1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        metrics = run / "metrics.jsonl"
+        for _ in range(600):  # until the run logs
+            if metrics.is_file() and metrics.stat().st_size:
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.5)
+        with contextlib.suppress(OSError), open(mnt / "filler", "wb", buffering=0) as f:  # take every free page
+            while True:
+                f.write(b"\0" * 4096)
+        out, err = proc.communicate(timeout=300)
+        errors = [line for line in err.splitlines() if "error" in line.lower()]
+        assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+        assert errors == [
+            f"hpcdnn: error: no space left on device writing {run / 'metrics.jsonl'}; free space or move --run_dir, then "
+            "--resume continues from the last checkpoint (if one was written)"
+        ], err[-3000:]
+    finally:
+        proc.kill()
+        proc.wait()
         subprocess.run(["umount", str(mnt)], check=True)
