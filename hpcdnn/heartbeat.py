@@ -114,7 +114,9 @@ class Beat:
         """The goodbye: "error" (with the message), "preempted" (a signal stopped the run) or "finished"."""
         self.stopped.set()
         if error is not None:
-            self.send({"t": "error", "error": f"{type(error).__name__}: {error}"[:500]})
+            # an MPI error on this rank is often the consequence of a peer that died: the watcher still calls that peer lost
+            mpi = type(error).__module__.startswith("mpi4py")
+            self.send({"t": "error", "error": f"{type(error).__name__}: {error}"[:500], "mpi": mpi})
         else:
             self.send({"t": "preempted" if (summary or {}).get("preempted") else "finished"})
         with self.lock:

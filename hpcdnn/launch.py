@@ -90,14 +90,14 @@ class Rank:
     def __init__(self, msg: dict, now: float) -> None:
         self.rank, self.host, self.pid, self.world = int(msg["rank"]), str(msg["host"]), int(msg["pid"]), int(msg["world"])
         self.role, self.step, self.heard, self.state = str(msg.get("role", "?")), 0, now, "running"
-        self.reason, self.closed_at, self.wall = "", 0.0, time.time()
+        self.reason, self.closed_at, self.wall, self.mpi_error = "", 0.0, time.time(), False
         self.history: deque[tuple[float, int]] = deque(maxlen=12)  # (time, step) of recent heartbeats: steps/s
 
     def update(self, msg: dict, now: float) -> None:
         self.role, self.step, self.heard, self.wall = str(msg.get("role", self.role)), int(msg.get("step", self.step)), now, time.time()
         self.history.append((now, self.step))
         if msg.get("t") in GOODBYES:
-            self.state, self.reason = msg["t"], str(msg.get("error", ""))
+            self.state, self.reason, self.mpi_error = msg["t"], str(msg.get("error", "")), bool(msg.get("mpi"))
 
     def rate(self) -> float:
         if len(self.history) < 2:
@@ -225,8 +225,9 @@ class Watcher:
 
     def _lost(self, now: float) -> list[Rank]:
         """Ranks whose connection closed without a goodbye, or silent for longer than the timeout. A closure after
-        some rank reported an error is that error's consequence (the launcher aborts the job), not a lost node."""
-        first_error = min((r.heard for r in self.ranks.values() if r.state == "error"), default=float("inf"))
+        some rank reported an error is that error's consequence (the launcher aborts the job), not a lost node; but
+        not after an MPI error: that is what a survivor raises when a peer died (MPICH), whichever the watcher hears first."""
+        first_error = min((r.heard for r in self.ranks.values() if r.state == "error" and not r.mpi_error), default=float("inf"))
         lost = []
         for r in self.ranks.values():
             if r.state == "closed" and r.closed_at < first_error:

@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO, mpirun
 
 from hpcdnn import heartbeat
-from hpcdnn.launch import EXIT_LOST
+from hpcdnn.launch import EXIT_LOST, Rank, Watcher
 
 COMMON = ["--config=fashion_small", "--batch_size=16", "--log_every=1", "--threads=1", "--lr_schedule=constant", "--lr=0.005"]
 TRAIN = [sys.executable, "-m", "hpcdnn", "train", *COMMON]
@@ -187,3 +187,20 @@ def test_rank_that_cannot_reach_the_watcher_warns_once_and_trains(tiny, tmp_path
     assert w.wait() == 0, w.output()  # launcher 0 and a fresh summary.json: the run finished
     assert w.output().count("heartbeat: cannot reach the watcher") == 1
     assert (run / "summary.json").exists()
+
+
+@pytest.mark.parametrize("mpi", [True, False])
+def test_a_survivors_mpi_error_does_not_hide_the_dead_peer(tmp_path, mpi):
+    """Rank 1 is SIGKILLed; rank 0's MPI then raises (MPICH returns the error) and says "error" - the watcher may read
+    that before rank 1's closed connection (CI, MPICH). An MPI error is the peer's loss showing, so rank 1 is lost
+    (exit 75); any other error comes first and the closures that follow are the job's abort, not a lost node."""
+    w = Watcher(["true"], tmp_path)
+    try:
+        for rank in (0, 1):
+            w.ranks[rank] = Rank({"rank": rank, "host": "h", "pid": 100 + rank, "world": 2}, now=1.0)
+        w.ranks[0].update({"t": "error", "error": "Exception: See the MPI_ERROR field", "mpi": mpi}, now=10.0)
+        w.ranks[1].state, w.ranks[1].closed_at = "closed", 10.2  # read after rank 0's error
+        assert [r.rank for r in w._lost(11.0)] == ([1] if mpi else [])
+    finally:
+        w.sel.close()
+        w.server.close()
