@@ -138,9 +138,12 @@ def test_emulator_refuses_what_it_does_not_model(fashion_tiny, tmp_path):
     cfg = load_config("fashion_downpour", [f"--data={fashion_tiny}", "--max_staleness=2", f"--run_dir={tmp_path}"])
     with pytest.raises(ValueError, match="--max_staleness=2: not emulated yet"):
         emulate(cfg, SimOptions(workers=2))
-    cfg = load_config("fashion_small", [f"--data={fashion_tiny}", "--topology=sandblaster", f"--run_dir={tmp_path}"])
-    with pytest.raises(ValueError, match="--topology=sandblaster: the emulator runs local, allreduce, downpour"):
+    cfg = load_config("fashion_small", [f"--data={fashion_tiny}", "--topology=sandblaster", "--mp=2", f"--run_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="--mp=2: Sandblaster's model-parallel replicas are not emulated yet"):
         emulate(cfg, SimOptions(workers=2))
+    cfg = load_config("fashion_small", [f"--data={fashion_tiny}", "--topology=sandblaster", f"--run_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="--topology=sandblaster draws its times with --straggler-cv"):
+        emulate(cfg, SimOptions(workers=2, compute_cv=0.3))
 
 
 def test_downpour_cadence_counts_every_push(fashion_tiny, tmp_path):

@@ -6,6 +6,7 @@ simulated clock (hpcdnn/sim/emulate.py). Knobs of the simulated cluster are belo
   hpcdnn simulate --plan --config imagenet_alexnet --device=v100 --workers=64 --servers=8 --link-gbit=100
   hpcdnn simulate --config fashion_downpour --workers=8 --servers=2 --device=v100 --link-gbit=10 --run_dir=runs/sim8
   hpcdnn simulate --config fashion_small --topology=allreduce --workers=4 --device=cpu --max_steps=100
+  hpcdnn simulate --config fashion_sandblaster --workers=16 --device=v100 --link-gbit=10 --straggler-cv=0.3 --slow_rank=3 --slow_factor=5
   hpcdnn simulate --terms                                                                          # the cost terms
 """
 
@@ -39,8 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compute-cv", "--compute_cv", type=float, default=0.0,
                    help="emulator: coefficient of variation of a replica's compute time per step, lognormal (0 = fixed)")  # fmt: skip
     p.add_argument("--straggler-cv", "--straggler_cv", type=float, default=0.0,
-                   help="plan: Sandblaster portion-time coefficient of variation (slowest of W: normal tail)")  # fmt: skip
-    p.add_argument("--clock-seed", "--clock_seed", type=int, default=0, help="emulator: seed of the compute-time draws")
+                   help="Sandblaster portion-time coefficient of variation: emulator, a lognormal draw of mean 1 per portion "
+                        "(seeded by --clock-seed); plan, the slowest of W by the normal tail (0 = none)")  # fmt: skip
+    p.add_argument("--clock-seed", "--clock_seed", type=int, default=0,
+                   help="emulator: seed of the compute-time and portion-time draws (not of the training: --seed)")  # fmt: skip
     p.add_argument("--dataset", help=f"plan: {', '.join(DATASETS)} (default: the config's data directory)")
     return p
 
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
         raise ValueError(f"--device={args.device!r} is not a known profile; known: {', '.join(DEVICES)} (hpcdnn/sim/profiles.py)")
     cfg = load_config(args.config, rest)
     sim = SimOptions(args.workers, args.servers, args.device, args.link_gbit, args.latency_us, args.server_mem_gbs, args.compute_cv,
-                     args.clock_seed)  # fmt: skip
+                     args.clock_seed, args.straggler_cv)  # fmt: skip
     if args.plan:
         from dataclasses import replace
 
@@ -90,5 +93,5 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
 
     s = emulate(cfg, sim, overwrite=args.overwrite)
     print(f"hpcdnn simulate: {s['topology']} x {s['workers']} on {s['device']}: {s['steps']} steps in {s['train_time_s']:.3f} simulated s "
-          f"({s['images_per_s']} img/s; predicted {s['predicted_images_per_s']}), val top-1 {s['val_top1']:.4f}; summary in {cfg.run_dir}")  # fmt: skip
+          f"({s.get('training_images_per_s', s['images_per_s'])} img/s; predicted {s['predicted_images_per_s']}), val top-1 {s['val_top1']:.4f}; summary in {cfg.run_dir}")  # fmt: skip
     return 0

@@ -203,10 +203,18 @@ def downpour_cost(model: ModelCost, cluster: Cluster, cfg) -> Cost:
     return Cost("downpour", steps_per_s * cfg.batch_size, t, bound)
 
 
-def sandblaster_cost(model: ModelCost, cluster: Cluster, cfg, evals: float = 1.0) -> Cost:
+def sandblaster_evals(cfg) -> float:
+    """Objective evaluations per L-BFGS iteration, at least: the line search's one, plus each batch's first
+    evaluation shared by its sb_batch_iters iterations (the emulator counts the real number: hpcdnn/sim/sandblaster.py)."""
+    return 1.0 + 1.0 / cfg.sb_batch_iters
+
+
+def sandblaster_cost(model: ModelCost, cluster: Cluster, cfg, evals: float | None = None) -> Cost:
     """One L-BFGS iteration on the global batch B_g = batch_size: `evals` objective evaluations (each: the portions
-    over W replicas, a straggler's tail, the gradient's reduction) and the two-loop recursion; sb_batch_iters
-    iterations per batch, so a batch's images count once per sb_batch_iters iterations."""
+    over W replicas, a straggler's tail, the gradient's reduction; None: sandblaster_evals, the least there can be)
+    and the two-loop recursion; sb_batch_iters iterations per batch, so a batch's images count once per sb_batch_iters
+    iterations."""
+    evals = sandblaster_evals(cfg) if evals is None else evals
     W, Bg, m = cluster.workers, cfg.batch_size, cfg.sb_history
     portions = min(cfg.sb_portions or max(4 * W, -(-Bg // 256)), Bg)  # at most one image per portion
     mem = device(cluster.device).mem_gbs * 1e9

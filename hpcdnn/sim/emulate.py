@@ -10,7 +10,9 @@ RNG stream rank r would have (seeded as topologies/sgd.py seeds it), so:
   local / allreduce   one parameter vector: the W replicas' gradients are summed, divided by W, and the replica's
                       FlatOptimizer steps (one replica is `hpcdnn train --topology=local`, step for step);
   downpour            events.py: each replica has its own parameter copy, fetched at its simulated time; pushes are
-                      applied by the server's update kernel in simulated-time order, so staleness arises as it would.
+                      applied by the server's update kernel in simulated-time order, so staleness arises as it would;
+  sandblaster         sandblaster.py: the real ShardedLBFGS and Objective on one process, each batch's portions
+                      scheduled over the W replicas (claims, stragglers, backup tasks) on the simulated clock.
 The run directory is like train's: config.toml, metrics.jsonl (`time` is simulated seconds), summary.json (with the
 staleness histogram and the cost terms used), checkpoint.h5 (the final parameters: `hpcdnn eval` reads it).
 """
@@ -18,7 +20,7 @@ staleness histogram and the cost terms used), checkpoint.h5 (the final parameter
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -33,7 +35,7 @@ from hpcdnn.optim import FlatOptimizer
 from hpcdnn.sim.cost import TOPOLOGY_COST, Cluster, ModelCost, model_cost
 from hpcdnn.sim.profiles import DataSet
 
-EMULATED = ("local", "allreduce", "downpour")
+EMULATED = ("local", "allreduce", "downpour", "sandblaster")
 # Downpour knobs the event loop does not model yet, with their off value (the real driver, hpcdnn/mpi/downpour.py, has them)
 NOT_EMULATED = {"max_staleness": 0, "max_delay": 0, "overlap": False, "push_dtype": "fp32", "mp": 1}
 
@@ -50,12 +52,14 @@ class SimOptions:
     server_mem_gbs: float = 0.0  # a server's memory bandwidth for its update kernel; 0 = the device's
     compute_cv: float = 0.0  # coefficient of variation of a replica's compute time per step (lognormal; 0 = fixed)
     clock_seed: int = 0  # seeds the compute-time draws (not the training: cfg.seed does that)
+    straggler_cv: float = 0.0  # Sandblaster: coefficient of variation of a portion's compute time (lognormal; 0 = fixed)
 
     def cluster(self, threads: int) -> Cluster:
         """The cost model's cluster: this machine as measured for cpu, else the device on the given link."""
         if self.device == "cpu":
-            return Cluster.here(self.workers, self.servers, threads)
-        return Cluster.of_link(self.device, self.workers, self.servers, self.link_gbit, self.latency_us, self.server_mem_gbs)
+            return replace(Cluster.here(self.workers, self.servers, threads), straggler_cv=self.straggler_cv)
+        return Cluster.of_link(self.device, self.workers, self.servers, self.link_gbit, self.latency_us, self.server_mem_gbs,
+                               self.straggler_cv)  # fmt: skip
 
 
 @dataclass
@@ -80,26 +84,25 @@ class Emulator:
         from hpcdnn.train import setup
 
         if cfg.topology not in EMULATED:
-            raise ValueError(f"--topology={cfg.topology}: the emulator runs {', '.join(EMULATED)} (Sandblaster: `--plan` only, so far)")
+            raise ValueError(f"--topology={cfg.topology}: the emulator runs {', '.join(EMULATED)}")
         if sim.workers < 1 or sim.servers < 1:
             raise ValueError(f"--workers={sim.workers} --servers={sim.servers}: both must be >= 1")
         unsupported = [f"--{k}={getattr(cfg, k)}" for k, off in NOT_EMULATED.items() if getattr(cfg, k) != off]
         if cfg.topology == "downpour" and unsupported:
             raise ValueError(f"{' '.join(unsupported)}: not emulated yet (the real driver has them); drop them or run `hpcdnn train`")
+        if cfg.topology == "sandblaster" and cfg.mp != 1:
+            raise ValueError(f"--mp={cfg.mp}: Sandblaster's model-parallel replicas are not emulated yet; drop --mp or run `hpcdnn train`")
+        if sim.compute_cv if cfg.topology == "sandblaster" else sim.straggler_cv:  # the knob of the other kind of run
+            which = "--straggler-cv (a portion's time)" if cfg.topology == "sandblaster" else "--compute-cv (a step's time)"
+            raise ValueError(f"--compute-cv={sim.compute_cv} --straggler-cv={sim.straggler_cv}: --topology={cfg.topology} draws "
+                             f"its times with {which} only; drop the other")  # fmt: skip
         if cfg.topology == "local" and sim.workers != 1:
             raise ValueError(f"--topology=local is one replica, not --workers={sim.workers}: use --topology=allreduce or downpour")
         self.cfg, self.sim = cfg, sim
         self.run, self.val_split = setup(cfg, False, None, Local, overwrite)  # the model, flat vector, schedule as train builds them
         run = self.run
-        first = torch.get_rng_state()  # rank 0 keeps the stream after the model's initialisation (topologies/sgd.py)
-        self.replicas = []
-        for r in range(sim.workers):
-            if r:
-                torch.manual_seed(cfg.seed + r)
-            loader = ShardLoader(cfg.data, "train", cfg.batch_size, rank=r, world=sim.workers, seed=cfg.seed, train=True,
-                                 flip=cfg.flip, pca_std=cfg.pca_std, prefetch=1, **run.loader_args())  # fmt: skip
-            self.replicas.append(Replica(r, loader, first if r == 0 else torch.get_rng_state()))
-        self.steps_per_epoch = len(self.replicas[0].loader)
+        self.replicas = self.make_replicas() if cfg.topology != "sandblaster" else []  # sandblaster.py reads portions itself
+        self.steps_per_epoch = len(self.replicas[0].loader) if self.replicas else 0
         total = self.steps_per_epoch * cfg.epochs
         self.total = min(total, cfg.max_steps) if cfg.max_steps else total  # steps per replica, as train counts them
         m = run.manifest
@@ -112,6 +115,18 @@ class Emulator:
         write_bytes(run.run_dir / "config.toml", cfg.to_toml().encode())
         self.log = MetricsLog(run.run_dir)
         self.last_val: dict = {}
+
+    def make_replicas(self) -> list[Replica]:
+        """Replica r's loader (rank r of W) and dropout stream (rank 0 keeps the one after the model's initialisation)."""
+        cfg, run = self.cfg, self.run
+        first, replicas = torch.get_rng_state(), []  # as topologies/sgd.py seeds the ranks
+        for r in range(self.sim.workers):
+            if r:
+                torch.manual_seed(cfg.seed + r)
+            loader = ShardLoader(cfg.data, "train", cfg.batch_size, rank=r, world=self.sim.workers, seed=cfg.seed, train=True,
+                                 flip=cfg.flip, pca_std=cfg.pca_std, prefetch=1, **run.loader_args())  # fmt: skip
+            replicas.append(Replica(r, loader, first if r == 0 else torch.get_rng_state()))
+        return replicas
 
     # ---- the real work
     def gradient(self, rep: Replica, params: np.ndarray | None = None) -> float:
@@ -152,6 +167,14 @@ class Emulator:
         sigma = math.sqrt(math.log1p(cv * cv))
         return base * float(self.draws.lognormal(-sigma * sigma / 2, sigma))
 
+    def straggler_draw(self) -> float:
+        """A Sandblaster portion's time factor: lognormal of mean 1 and coefficient of variation straggler_cv (1 if 0)."""
+        cv = self.sim.straggler_cv
+        if not cv:
+            return 1.0
+        sigma = math.sqrt(math.log1p(cv * cv))
+        return float(self.draws.lognormal(-sigma * sigma / 2, sigma))
+
     def end_epoch(self, params: np.ndarray, step: int, epoch: int, time_s: float) -> None:
         """Evaluate `params` (the root's refresh), adapt the schedule, log the validation line."""
         self.run.flat.load_flat(params)
@@ -160,18 +183,19 @@ class Emulator:
         v = self.last_val
         self.log.log(step=step, epoch=epoch, time=round(time_s, 9), val_top1=v["top1"], val_top5=v["top5"], val_loss=v["loss"])
 
-    def finish(self, params: np.ndarray, optim: dict, step: int, time_s: float, images: int, extra: dict) -> dict:
+    def finish(self, params: np.ndarray, optim: dict, step: int, time_s: float, images: int, extra: dict,
+               position: tuple[int, int] | None = None) -> dict:  # fmt: skip
         """Final evaluation, checkpoint.h5 and summary.json (simulated time), as train's final_summary writes them."""
         cfg, run = self.cfg, self.run
         run.flat.load_flat(params)
         final = evaluate(run.model, self.val)
-        rep = self.replicas[0]
+        epoch, batch = position if position is not None else (self.replicas[0].epoch, self.replicas[0].batch)
         state = {"schedule": run.sched.state(), "elapsed": time_s, "model": run.model_name, "simulated": True}
-        ck.save(run.run_dir / ck.LATEST, ck.Checkpoint(params, optim, step, rep.epoch, rep.batch, cfg.to_toml(), state,
+        ck.save(run.run_dir / ck.LATEST, ck.Checkpoint(params, optim, step, epoch, batch, cfg.to_toml(), state,
                                                        ck.capture_rng(), ck.manifest_sha256(cfg.data)))  # fmt: skip
         summary = {
             "topology": cfg.topology, "simulated": True, "model": run.model_name, "parameters": run.flat.param_count,
-            "device": self.sim.device, "workers": self.sim.workers, "epochs": round(step / self.steps_per_epoch, 3),
+            "device": self.sim.device, "workers": self.sim.workers, "epochs": round(step / self.steps_per_epoch, 3) if self.replicas else epoch,
             "steps": step, "images_per_s": round(images / max(time_s, 1e-12), 1), "train_time_s": round(time_s, 9),
             "predicted_images_per_s": round(self.cost.images_per_s, 1), "cost_terms_s": self.cost.terms,
             "cluster": vars(self.cluster), "val_split": self.val_split, "val_top1": final["top1"], "val_top5": final["top5"],
@@ -229,6 +253,10 @@ def emulate(cfg, sim: SimOptions, overwrite: bool = False) -> dict:
             from hpcdnn.sim.events import run_downpour
 
             return run_downpour(em)
+        if cfg.topology == "sandblaster":
+            from hpcdnn.sim.sandblaster import run_sandblaster
+
+            return run_sandblaster(em)
         return run_sync(em)
     finally:
         em.close()
