@@ -21,10 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from data_prep import manifest as mf
-from data_prep.pipeline import NoSpace, OutLock, Settings, check_out, check_plan, is_no_space, kept_shards, make_plan, run
+from data_prep.pipeline import NoSpace, OutLock, Settings, check_out, check_plan, kept_shards, make_plan, run
 from data_prep.sources import folder, idx, imagenet
 from data_prep.sources.base import PrepError, Source
-from hpcdnn.atomic import NoSpaceError
+from hpcdnn.atomic import NoSpaceError, is_no_space
 from hpcdnn.data.jpeg import JPEG_QUALITY
 from hpcdnn.data.schema import COMPRESSIONS, ENCODINGS
 

@@ -5,7 +5,6 @@ The manifest's format and its writer live in `hpcdnn.data.schema`; this module o
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -14,20 +13,9 @@ import numpy as np
 from data_prep.pipeline import PLAN, record_path
 from data_prep.sources.base import PrepError
 from hpcdnn.atomic import write_json
-from hpcdnn.data.schema import SCHEMA_VERSION, ShardReader, check_shard, load_manifest, sha256_file, write_manifest
+from hpcdnn.data.schema import SCHEMA_VERSION, ShardReader, check_shard, load_manifest, read_json_object, sha256_file, write_manifest
 from hpcdnn.data.trust import manifest_problems, outside
 from hpcdnn.kernels.stats import ImageStats
-
-
-def read_json(path: Path, fix: str) -> dict:
-    """A JSON object from `path`; a damaged file (truncated, not JSON, not an object) raises PrepError naming it and `fix`."""
-    try:
-        value = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PrepError(f"{path} is not valid JSON ({e}); {fix}") from None
-    if not isinstance(value, dict):
-        raise PrepError(f"{path}: a JSON {type(value).__name__}, expected an object; {fix}")
-    return value
 
 
 def load_plan(out: Path) -> dict:
@@ -38,7 +26,7 @@ def load_plan(out: Path) -> dict:
             f"{path} not found: {out} is not a data-prep output directory (run `data-prep imagenet|folder|idx --out {out}` first)"
         )
     fix = f"the plan of this output directory is damaged; choose a new --out, or delete {out} and prepare again"
-    plan = read_json(path, fix)
+    plan = read_json_object(path, fix, PrepError)
     missing = [k for k in ("splits", "source", "settings", "image_shape", "classes") if k not in plan]
     if missing and plan.get("schema_version") == SCHEMA_VERSION:
         raise PrepError(f"{path}: keys {missing} missing; {fix}")
@@ -58,7 +46,9 @@ def finalize(out: Path, max_reject_fraction: float) -> dict:
         for shard in info["shards"]:
             rec = record_path(out, shard["file"])
             if rec.is_file():
-                records[shard["file"]] = read_json(rec, "delete it and re-run the same data-prep command (that shard is made again)")
+                records[shard["file"]] = read_json_object(
+                    rec, "delete it and re-run the same data-prep command (that shard is made again)", PrepError
+                )
             else:
                 missing.append(shard["file"])
     if missing:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.sources.base import Options, PrepError, Source
-from hpcdnn.atomic import remove_stale_tmp, write_json
+from hpcdnn.atomic import is_no_space, remove_stale_tmp, write_json
 from hpcdnn.data.jpeg import encode_jpeg
 from hpcdnn.data.schema import SCHEMA_VERSION, SPLITS, ShardSchema, sha256_file, shard_name
 from hpcdnn.kernels.stats import ImageStats
@@ -38,7 +38,6 @@ from hpcdnn.progress import Bar
 PLAN = "plan.json"
 PARTS = ".parts"
 LOCKS = ".locks"
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # file systems without flock (Lustre -o noflock)
 
 
@@ -193,11 +192,6 @@ class NoSpace(Exception):
     def __init__(self, path: Path, in_hdf5: bool = False):
         super().__init__(f"no space left on device writing {path}")
         self.path, self.in_hdf5 = path, in_hdf5
-
-
-def is_no_space(e: BaseException | None) -> bool:
-    """True for an out-of-disk or out-of-quota error, also when h5py keeps the errno only in its message."""
-    return (isinstance(e, OSError) and e.errno in NO_SPACE) or any(f"errno = {n}," in str(e) for n in NO_SPACE)
 
 
 @contextlib.contextmanager

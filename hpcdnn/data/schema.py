@@ -276,6 +276,17 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return b.getvalue()
 
 
+def read_json_object(path: Path, fix: str, error: type[Exception] = ValueError) -> dict:
+    """A JSON object from `path`; a damaged file (truncated, not JSON, not an object) raises `error` naming it and `fix`."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: a JSON {type(value).__name__}, expected an object; {fix}")
+    return value
+
+
 def load_manifest(directory: str | Path) -> dict:
     """Read DIR/manifest.json; a missing, unparsable or incomplete one raises an error naming the file and the fix.
 
@@ -286,12 +297,7 @@ def load_manifest(directory: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `data-prep ... --out {directory}` (and `data-prep finalize` after a job array)")
     fix = f"it is damaged: run `data-prep finalize {directory}` to write it again, or re-run data-prep into a new --out"
-    try:
-        manifest = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); {fix}") from None
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{path}: a JSON {type(manifest).__name__}, expected an object; {fix}")
+    manifest = read_json_object(path, fix)
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{path}: schema_version {manifest.get('schema_version')!r}, this hpcdnn reads {SCHEMA_VERSION}")
     problems = structure_problems(manifest)
