@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(seeded by --clock-seed); plan, the slowest of W by the normal tail (0 = none)")  # fmt: skip
     p.add_argument("--clock-seed", "--clock_seed", type=int, default=0,
                    help="emulator: seed of the compute-time and portion-time draws (not of the training: --seed)")  # fmt: skip
+    p.add_argument("--target-top1", "--target_top1", type=float, default=0.0,
+                   help="emulator: stop at the first evaluation whose validation top-1 reaches this; summary.json gets "
+                        "time_to_target_s and images_to_target (null if never reached) (0 = train to the end)")  # fmt: skip
+    p.add_argument("--eval-images", "--eval_images", type=int, default=0,
+                   help="emulator: evaluate every this many training images over all replicas, logged at simulated time "
+                        "(0 = a tenth of an epoch when --target-top1 is set, else only after each epoch)")  # fmt: skip
     p.add_argument("--dataset", help=f"plan: {', '.join(DATASETS)} (default: the config's data directory)")
     return p
 
@@ -76,11 +82,14 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     for name in ("link_gbit", "latency_us", "server_mem_gbs", "compute_cv", "straggler_cv"):
         if not getattr(args, name) >= 0 or (name == "link_gbit" and args.link_gbit == 0):
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be a number >= 0 (link > 0)")
+    if not 0 <= args.target_top1 <= 1 or args.eval_images < 0:
+        raise ValueError(f"--target-top1={args.target_top1} --eval-images={args.eval_images}: the target is a fraction in [0, 1], "
+                         "the interval >= 0 images")  # fmt: skip
     if args.device not in DEVICES:
         raise ValueError(f"--device={args.device!r} is not a known profile; known: {', '.join(DEVICES)} (hpcdnn/sim/profiles.py)")
     cfg = load_config(args.config, rest)
     sim = SimOptions(args.workers, args.servers, args.device, args.link_gbit, args.latency_us, args.server_mem_gbs, args.compute_cv,
-                     args.clock_seed, args.straggler_cv)  # fmt: skip
+                     args.clock_seed, args.straggler_cv, args.target_top1, args.eval_images)  # fmt: skip
     if args.plan:
         from dataclasses import replace
 
@@ -94,4 +103,8 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     s = emulate(cfg, sim, overwrite=args.overwrite)
     print(f"hpcdnn simulate: {s['topology']} x {s['workers']} on {s['device']}: {s['steps']} steps in {s['train_time_s']:.3f} simulated s "
           f"({s.get('training_images_per_s', s['images_per_s'])} img/s; predicted {s['predicted_images_per_s']}), val top-1 {s['val_top1']:.4f}; summary in {cfg.run_dir}")  # fmt: skip
+    if args.target_top1:
+        t = s["time_to_target_s"]
+        print(f"hpcdnn simulate: top-1 {args.target_top1} " + (f"reached at {t:.3f} simulated s after {s['images_to_target']} training images"
+              if t is not None else "not reached"))  # fmt: skip
     return 0

@@ -53,6 +53,8 @@ class SimOptions:
     compute_cv: float = 0.0  # coefficient of variation of a replica's compute time per step (lognormal; 0 = fixed)
     clock_seed: int = 0  # seeds the compute-time draws (not the training: cfg.seed does that)
     straggler_cv: float = 0.0  # Sandblaster: coefficient of variation of a portion's compute time (lognormal; 0 = fixed)
+    target_top1: float = 0.0  # stop at the first evaluation reaching this validation top-1 (0 = train to the end)
+    eval_images: int = 0  # evaluate every this many training images, over all replicas (0 = a tenth of an epoch with a target)
 
     def cluster(self, threads: int) -> Cluster:
         """The cost model's cluster: this machine as measured for cpu, else the device on the given link."""
@@ -115,6 +117,8 @@ class Emulator:
         write_bytes(run.run_dir / "config.toml", cfg.to_toml().encode())
         self.log = MetricsLog(run.run_dir)
         self.last_val: dict = {}
+        self.eval_every = sim.eval_images or (max(cfg.batch_size, data.train_images // 10) if sim.target_top1 else 0)
+        self.next_eval, self.reached = self.eval_every, None
 
     def make_replicas(self) -> list[Replica]:
         """Replica r's loader (rank r of W) and dropout stream (rank 0 keeps the one after the model's initialisation)."""
@@ -183,6 +187,34 @@ class Emulator:
         v = self.last_val
         self.log.log(step=step, epoch=epoch, time=round(time_s, 9), val_top1=v["top1"], val_top5=v["top5"], val_loss=v["loss"])
 
+    def watch(self, params: np.ndarray | None, images: int, time_s: float, step: int, epoch: float) -> bool:
+        """Every eval_every training images (counted over all replicas) evaluate `params` (None: the model holds them)
+        and log the validation line at simulated time; True once --target-top1 is reached: the caller stops there."""
+        if not self.eval_every or images < self.next_eval:
+            return False
+        self.next_eval = (images // self.eval_every + 1) * self.eval_every
+        if params is not None:
+            self.run.flat.load_flat(params)
+        v = evaluate(self.run.model, self.val)
+        self.log.log(step=step, epoch=round(epoch, 4), time=round(time_s, 9), images=images, val_top1=v["top1"], val_top5=v["top5"],
+                     val_loss=v["loss"])  # fmt: skip
+        if self.sim.target_top1 and v["top1"] >= self.sim.target_top1:
+            self.reached = {
+                "time_to_target_s": round(time_s, 9),
+                "images_to_target": images,
+                "step_at_target": step,
+                "top1_at_target": v["top1"],
+            }
+            return True
+        return False
+
+    def target_fields(self) -> dict:
+        """summary.json's time to target: the simulated seconds and training images at the first evaluation reaching it."""
+        if not self.sim.target_top1:
+            return {}
+        return {"target_top1": self.sim.target_top1, "eval_images": self.eval_every,
+                **(self.reached or {"time_to_target_s": None, "images_to_target": None})}  # fmt: skip
+
     def finish(self, params: np.ndarray, optim: dict, step: int, time_s: float, images: int, extra: dict,
                position: tuple[int, int] | None = None) -> dict:  # fmt: skip
         """Final evaluation, checkpoint.h5 and summary.json (simulated time), as train's final_summary writes them."""
@@ -199,7 +231,7 @@ class Emulator:
             "steps": step, "images_per_s": round(images / max(time_s, 1e-12), 1), "train_time_s": round(time_s, 9),
             "predicted_images_per_s": round(self.cost.images_per_s, 1), "cost_terms_s": self.cost.terms,
             "cluster": vars(self.cluster), "val_split": self.val_split, "val_top1": final["top1"], "val_top5": final["top5"],
-            "val_loss": final["loss"], **extra,
+            "val_loss": final["loss"], **self.target_fields(), **extra,
         }  # fmt: skip
         self.log.write_summary(summary)
         return summary
@@ -240,6 +272,8 @@ def run_sync(em: Emulator) -> dict:
             window_t, window_images, window_loss = clock, 0, []
         if rep0.epoch > epoch0:
             em.end_epoch(flat.to_numpy().copy(), step, rep0.epoch, clock)
+        if em.watch(None, step * W * cfg.batch_size, clock, step, rep0.epoch + rep0.batch / em.steps_per_epoch):
+            break
     params = flat.state_dict_flat().cpu().numpy()
     extra = {"servers": 0, "optimizer_steps": opt.steps}
     return em.finish(params, opt.state_arrays(), step, clock, step * W * cfg.batch_size, extra)

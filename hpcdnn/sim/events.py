@@ -53,6 +53,7 @@ class DownpourClock:
         self.applied_counts: dict[int, int] = {}  # exact staleness at apply -> pushes
         self.applied_sum, self.applied_max, self.images = 0, 0, 0
         self.window = {"t": 0.0, "images": 0, "losses": []}
+        self.stopped = False  # the target accuracy was reached: no event runs after that
 
     def at(self, t: float, action, *args) -> None:
         """Schedule action(*args) at simulated time t."""
@@ -63,7 +64,7 @@ class DownpourClock:
         warm = self.cfg.warmstart_steps
         for w in self.workers if not warm else self.workers[:1]:
             self.at(0.0, self.fetch, w)
-        while self.heap:
+        while self.heap and not self.stopped:
             self.now, _, action, args = heapq.heappop(self.heap)
             action(*args)
 
@@ -99,6 +100,9 @@ class DownpourClock:
         w.pending += 1
         self.images += cfg.batch_size
         self.progress(w)
+        rep = w.rep
+        if em.watch(self.server, self.images, self.now, rep.steps, rep.epoch + rep.batch / em.steps_per_epoch):
+            self.stopped = True
         fetch = w.rep.steps % cfg.n_fetch == 0
         if w.rep.steps % cfg.n_push != 0:
             self.next(w, self.now, fetch)

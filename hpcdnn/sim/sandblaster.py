@@ -247,6 +247,8 @@ class Emulation:
                             loss=float(np.mean(win["losses"])), images_per_s=round(images_per_s, 1), new_batch_loss=self.batch_loss,
                             step_length=ls.t, line_search_evals=ls.evals, batch_size=size, evaluations=clock.evals)  # fmt: skip
             self.window = {"t": clock.now, "samples": self.obj.samples, "losses": []}
+        if self.em.watch(None, self.obj.samples, clock.now, self.step, self.epoch + self.pos / self.per_epoch[self.epoch]):
+            self.total = self.step  # the target is reached: the loops end here
         return g
 
     def finish(self) -> dict:
