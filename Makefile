@@ -77,6 +77,7 @@ bench: bench-prep install fashion-mnist
 	$(BIN)/python bench/allreduce.py
 	$(BIN)/python bench/sandblaster.py
 	$(BIN)/python bench/model_parallel.py
+	$(BIN)/python bench/sim_validate.py  # the cost model and Downpour emulator vs real runs (issue 15 item 3), ~5 min
 	for v in .venv .venv-mpich; do test ! -x $$v/bin/python || $$v/bin/python bench/network.py; done  # across nodes; root only (else it says why it skips)
 
 bench-prep: install

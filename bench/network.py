@@ -11,7 +11,8 @@ takes it down at the end, also on failure. For each link rate, every node's link
               for the server-side update (the library: fp32 and bf16 push) and the deleted worker-side one
               (network_case.WorkerSide: Get_accumulate(SUM) of g^2 + Accumulate of the step; fetch
               Get_accumulate(NO_OP)), with a plain Put of the slice: seconds, and bytes on the worker's link per
-              parameter (its eth0 counters); push + fetch against the link limit 2 x vector bytes / link rate
+              parameter (its eth0 counters); push + fetch against the link limit 2 x vector bytes / link rate, and
+              beside the measured seconds the cost model's push_s and fetch_s + apply_s (hpcdnn/sim/cost.py)
   allreduce   in-place Allreduce of the same slice over hb2, hb3, hb4 vs the ring bound 2(p-1)/p x bytes / rate
   training    alexnet_small images/s (network_train.py): local (one node) and allreduce (3 nodes) ours vs torch DDP
               over gloo; Downpour 1 server + 2 workers, both designs, server on hb2 and workers on hb3 (and, with
@@ -149,12 +150,38 @@ def report_bytes(rows: list[dict], floats: int) -> None:
         print(md((label(row["rate_gbit"]), "plain Put (reference)", per_param(put, floats), "", "", put["load"])))
 
 
+def model_times(floats: int, rate_bps: float, design: str) -> tuple[float, float] | None:
+    """The cost model's push_s and fetch_s + apply_s (a fetch waits for its push's apply, as measured here) for a
+    `floats` slice on one link of rate_bps bytes/s, 1 server, fashion_downpour's Adagrad; None for the worker-side
+    design (the model describes the library's server-side one)."""
+    if not design.startswith("server"):
+        return None
+    from hpcdnn.config import load_config
+    from hpcdnn.sim.cost import Cluster, ModelCost, apply_s, fetch_s, push_s
+
+    cfg = load_config("fashion_downpour", [f"--push_dtype={design.split()[1]}"])
+    model, cluster = ModelCost("slice", floats, 0.0, 0), Cluster.of_link("cpu", 1, 1, rate_bps * 8 / 1e9)
+    return push_s(model, cluster, cfg), fetch_s(model, cluster) + apply_s(model, cluster, cfg)
+
+
+def model_cells(d: dict, floats: int, rate_bps: float, design: str) -> tuple[str, ...]:
+    """Predicted push and fetch + apply seconds and measured / predicted, or blanks where the model says nothing."""
+    got = model_times(floats, rate_bps, design)
+    if got is None:
+        return "", "", ""
+    push, fetch = got
+    return f"{push:.4f}", f"{fetch:.4f}", f"{d['push']['s'] / push:.2f} / {d['fetch']['s'] / fetch:.2f}"
+
+
 def report_speed(rows: list[dict], floats: int) -> None:
     """Push + fetch against the link limit, new vs old, and the AlexNet extrapolation."""
     print(f"\n2. Push + fetch of {floats:,} float32 vs the link limit 2 x {floats * 4 / 1e6:.1f} MB / link rate (seconds, median; the "
           "fetch waits until the server has applied the push); new/old = worker-side time / server-side time")  # fmt: skip
-    header(("link", "TCP Gbit/s", "design", "push s", "fetch s", "limit / (push+fetch)", "new/old speed-up",
-            f"AlexNet push+fetch s (EXTRAPOLATED x{ALEXNET / floats:.1f})", "AlexNet limit s", "load"))  # fmt: skip
+    print("   model = the cost model's push_s and fetch_s + apply_s (hpcdnn/sim/cost.py) for this slice at the link rate "
+          "(unshaped: the TCP stream's), 5 us latency, apply at the 'cpu' profile's memory bandwidth")  # fmt: skip
+    header(("link", "TCP Gbit/s", "design", "push s", "fetch s", "model push s", "model fetch+apply s", "measured/model push / fetch",
+            "limit / (push+fetch)", "new/old speed-up", f"AlexNet push+fetch s (EXTRAPOLATED x{ALEXNET / floats:.1f})", "AlexNet limit s",
+            "load"))  # fmt: skip
     for row in rows:
         v, link = row["vector"], row["link"]
         if "error" in v:
@@ -164,12 +191,13 @@ def report_speed(rows: list[dict], floats: int) -> None:
         t_old = old["push"]["s"] + old["fetch"]["s"]
         for name, d in v["downpour"].items():
             t = d["push"]["s"] + d["fetch"]["s"]
-            cells = (label(row["rate_gbit"]), f"{link['gbit']:.2f}", name, f"{d['push']['s']:.4f}", f"{d['fetch']['s']:.4f}", f"{limit / t:.3f}",
+            cells = (label(row["rate_gbit"]), f"{link['gbit']:.2f}", name, f"{d['push']['s']:.4f}", f"{d['fetch']['s']:.4f}",
+                     *model_cells(d, floats, link_rate(row), name), f"{limit / t:.3f}",
                      f"{t_old / t:.1f}x" if name != "worker-side" else "1", f"{t * ALEXNET / floats:.2f}",
                      f"{2 * ALEXNET * 4 / link_rate(row):.2f}", f"{link['load']}/{d['push']['load']}/{d['fetch']['load']}")  # fmt: skip
             print(md(cells))
         put = old["put"]
-        print(md((label(row["rate_gbit"]), f"{link['gbit']:.2f}", "plain Put", f"{put['s']:.4f}", "", f"{limit / 2 / put['s']:.3f} (one way)",
+        print(md((label(row["rate_gbit"]), f"{link['gbit']:.2f}", "plain Put", f"{put['s']:.4f}", "", "", "", "", f"{limit / 2 / put['s']:.3f} (one way)",
                   "", f"{put['s'] * ALEXNET / floats:.2f} (one way)", "", put["load"])))  # fmt: skip
 
 

@@ -3,8 +3,10 @@ model recomputed from this machine's stored calibration (no timing here: every t
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -90,6 +92,22 @@ def test_cost_model_recomputed_from_calibration():
     apply = 20 * N / (c["apply_gbs"] * 1e9)
     assert two["downpour"].images_per_s == pytest.approx(2 * B / (compute + push + fetch + apply), rel=1e-12)
     assert two["downpour"].bound == "compute_s"
+    measured = predict(model, Cluster.here(2, 1, threads=1, images_per_s=500.0), cfg)  # bench/sim_validate.py's rates
+    assert measured["downpour"].terms["compute_s"] == B / 500.0
+    assert measured["allreduce"].images_per_s == pytest.approx(2 * B / (B / 500.0 + ring), rel=1e-12)
+
+
+def test_sim_validate_compares_staleness_histograms(monkeypatch):
+    """bench/sim_validate.py's pure parts: the total-variation distance of two staleness histograms, the bins'
+    labels (control.staleness_bin's), the +-15 % verdict."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    sv = importlib.import_module("sim_validate")
+    assert sv.tv_distance([0, 10], [0, 10]) == 0.0
+    assert sv.tv_distance([10], [0, 5]) == 1.0
+    assert sv.tv_distance([2, 8], [1, 8, 1]) == pytest.approx(0.1)
+    assert [sv.bin_label(k) for k in range(4)] == ["0", "1", "2-3", "4-7"]
+    assert sv.ratio_cells(100.0, 86.0) == ("0.86", "yes") and sv.ratio_cells(100.0, 84.0) == ("0.84", "NO")
+    assert sv.ratio_cells(100.0, None) == ("", "")
 
 
 def test_plan_for_the_alexnet_paper():

@@ -98,6 +98,7 @@ class Cluster:
     server_mem_bps: float  # a server's memory bandwidth as its update kernel uses it
     threads: int = 2  # torch threads per replica ('cpu': picks the calibration entry)
     straggler_cv: float = 0.0  # Sandblaster: coefficient of variation of a portion's compute time
+    images_per_s: float = 0.0  # 'cpu': one replica's measured images/s of the planned model (0 = CALIBRATION's)
 
     @classmethod
     def of_link(cls, device_name: str, workers: int, servers: int, link_gbit: float, latency_us: float = 5.0,
@@ -108,11 +109,12 @@ class Cluster:
         return cls(device_name, workers, servers, bps, bps, bps, latency_us * 1e-6, mem, straggler_cv=straggler_cv)
 
     @classmethod
-    def here(cls, workers: int, servers: int, threads: int) -> Cluster:
-        """This machine as measured (CALIBRATION): RMA Put/Get for push/fetch, MPI Allreduce, the Adagrad kernel."""
+    def here(cls, workers: int, servers: int, threads: int, images_per_s: float = 0.0) -> Cluster:
+        """This machine as measured (CALIBRATION): RMA Put/Get for push/fetch, MPI Allreduce, the Adagrad kernel;
+        images_per_s > 0: a replica's compute as just measured (bench/sim_validate.py) instead of CALIBRATION's."""
         c = CALIBRATION
         return cls("cpu", workers, servers, c["rma_put_gbs"] * 1e9, c["rma_get_gbs"] * 1e9, c["allreduce_gbs"] * 1e9,
-                   c["latency_us"] * 1e-6, c["apply_gbs"] * 1e9, threads)  # fmt: skip
+                   c["latency_us"] * 1e-6, c["apply_gbs"] * 1e9, threads, images_per_s=images_per_s)  # fmt: skip
 
 
 @dataclass
@@ -131,6 +133,8 @@ class Cost:
 
 def compute_s(model: ModelCost, cluster: Cluster, batch: int) -> float:
     """Forward + backward of `batch` images on one replica (the measured images/s on 'cpu', else FLOPs / sustained)."""
+    if cluster.device == "cpu" and cluster.images_per_s:
+        return batch / cluster.images_per_s
     if cluster.device == "cpu":
         key = (model.name, cluster.threads)
         if key not in CALIBRATION["images_per_s"]:
@@ -181,12 +185,26 @@ def allreduce_cost(model: ModelCost, cluster: Cluster, cfg) -> Cost:
     return Cost("allreduce", W * B / sum(terms.values()), terms, max(terms, key=terms.get))
 
 
+def push_s(model: ModelCost, cluster: Cluster, cfg) -> float:
+    """A Downpour worker's push: one latency per shard, w bytes per parameter and a header per shard on its link."""
+    P = cluster.servers
+    return P * cluster.latency_s + (WIRE_BYTES[cfg.push_dtype] * model.params + HEADER_BYTES * P) / cluster.push_bps
+
+
+def fetch_s(model: ModelCost, cluster: Cluster) -> float:
+    """A Downpour worker's fetch of the N float32 parameters from the P shards."""
+    return cluster.servers * cluster.latency_s + 4 * model.params / cluster.fetch_bps
+
+
+def apply_s(model: ModelCost, cluster: Cluster, cfg) -> float:
+    """One server's update of its N/P parameters for one push, through its memory."""
+    return update_bytes(cfg) * model.params / cluster.servers / cluster.server_mem_bps
+
+
 def downpour_terms(model: ModelCost, cluster: Cluster, cfg) -> dict:
     """Downpour's terms: compute, push, fetch, apply and the server's busy time per worker step."""
     N, P, w = model.params, cluster.servers, WIRE_BYTES[cfg.push_dtype]
-    push = P * cluster.latency_s + (w * N + HEADER_BYTES * P) / cluster.push_bps
-    fetch = P * cluster.latency_s + 4 * N / cluster.fetch_bps
-    apply = update_bytes(cfg) * N / P / cluster.server_mem_bps
+    push, fetch, apply = push_s(model, cluster, cfg), fetch_s(model, cluster), apply_s(model, cluster, cfg)
     link = (w * N / P / cfg.n_push + 4 * N / P / cfg.n_fetch) / cluster.push_bps
     return {"compute_s": compute_s(model, cluster, cfg.batch_size), "push_s": push, "fetch_s": fetch, "apply_s": apply,
             "server_s": max(apply / cfg.n_push, link)}  # fmt: skip

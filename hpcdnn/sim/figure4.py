@@ -5,11 +5,15 @@ Downpour + SGD, synchronous allreduce SGD and Sandblaster L-BFGS, on a stated cl
     python -m hpcdnn.sim.figure4 --data-set imagenet --data data/imagenet --target 0.16 ...   # the paper's own target
 
 Each point is one `hpcdnn simulate` run (a subprocess, its run directory under --runs), stopped at the first
-evaluation (every --eval-images training images) reaching --target, or at the recipe's epoch budget. A point whose
+evaluation (every --eval-images training images; Sandblaster: every 4 x --eval-images samples evaluated, as
+its line searches evaluate each batch ~1.3 times) reaching --target, or at the recipe's epoch budget. A point whose
 run directory already holds a summary of the same command is read, not re-run, so an interrupted figure resumes.
 Writes OUT/results.json (every run's command and time to target), OUT/table.md and OUT/figure4.png.
 Downpour gets P = ceil(W / 2) servers (--servers-per-worker), so its servers are not the bottleneck
-(server_s x W / P stays below a worker's step); a run that diverges is kept as such.
+(server_s x W / P stays below a worker's step), and the recipe's learning rate / sqrt(W) (--downpour-lr): with the
+single replica's rate, 16 Adagrad workers starting together from the warmstart blew the loss up to ~140 and left every
+ReLU dead (top-1 0.10). Synchronous SGD keeps the recipe's rate on the mean of the W gradients, as `hpcdnn train
+--topology=allreduce` does. A run that diverges is kept as such.
 """
 
 from __future__ import annotations
@@ -21,16 +25,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hpcdnn.config import load_config
+
 # The recipes: (config preset, overrides) per method and data set. Constant learning rates: a schedule over the
 # epoch budget would differ by W's stopping point. Sandblaster's portion count is fixed so that its trajectory is the
 # same for every W (docs/scaling.md): only its clock differs.
+# One torch thread per run: the time is simulated, and two runs side by side use the 2 cores better than one run
+# whose 2 threads contend with anything else running (LIMITS.md: oversubscribed threads halve throughput).
+FASHION = ["--threads=1"]
 IMAGENET = ["--lr_schedule=constant", "--eval_ten_crop=false", "--epochs=10"]
 METHODS = {
     "fashion-mnist": {
-        "downpour_adagrad": ("fashion_downpour", ["--epochs=6"]),
-        "downpour_sgd": ("fashion_downpour", ["--optimizer=sgd", "--lr=0.1", "--momentum=0", "--epochs=6"]),
-        "allreduce": ("fashion_small", ["--topology=allreduce", "--lr_schedule=constant", "--epochs=6"]),
-        "sandblaster": ("fashion_sandblaster", ["--sb_portions=64", "--epochs=3"]),
+        "downpour_adagrad": ("fashion_downpour", ["--epochs=6", *FASHION]),
+        "downpour_sgd": ("fashion_downpour", ["--optimizer=sgd", "--lr=0.1", "--momentum=0", "--epochs=6", *FASHION]),
+        "allreduce": ("fashion_small", ["--topology=allreduce", "--lr_schedule=constant", "--epochs=6", *FASHION]),
+        "sandblaster": ("fashion_sandblaster", ["--sb_portions=64", "--epochs=3", *FASHION]),
     },
     "imagenet": {  # AlexNet; one-crop checks (the 10-crop test is for the final number), 10 epochs at most
         "downpour_adagrad": ("imagenet_alexnet", ["--topology=downpour", "--optimizer=adagrad", "--warmstart_steps=500", *IMAGENET]),
@@ -47,10 +56,12 @@ def command(args, method: str, workers: int, run_dir: Path) -> list[str]:
     """The `hpcdnn simulate` command of one point."""
     preset, overrides = METHODS[args.data_set][method]
     cmd = [sys.executable, "-m", "hpcdnn", "simulate", "--config", preset, *overrides, f"--workers={workers}", f"--device={args.device}",
-           f"--link-gbit={args.link_gbit}", f"--target-top1={args.target}", f"--eval-images={args.eval_images}",
+           f"--link-gbit={args.link_gbit}", f"--target-top1={args.target}", f"--eval-images={args.eval_images * (4 if method == 'sandblaster' else 1)}",
            f"--run_dir={run_dir}", "--overwrite"]  # fmt: skip
     if method.startswith("downpour"):
         cmd.append(f"--servers={max(1, math.ceil(workers * args.servers_per_worker))}")
+        if workers > 1 and args.downpour_lr == "sqrt":  # W pushes land on nearly the same parameters: a 1/sqrt(W) rate
+            cmd.append(f"--lr={load_config(preset, overrides).lr / math.sqrt(workers):.6g}")
     if args.data:
         cmd.append(f"--data={args.data}")
     return cmd
@@ -66,6 +77,8 @@ def point(args, method: str, workers: int) -> dict:
         old = json.loads(record.read_text())
         if old.get("command") == key:
             return old
+    if args.collect:
+        return {}
     print(f"figure4: {method} x {workers}: {key}", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     out = {"method": method, "workers": workers, "command": key, "exit": proc.returncode}
@@ -140,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="k40", help="device profile (k40)")
     p.add_argument("--link-gbit", type=float, default=10.0, help="link speed, Gbit/s (10)")
     p.add_argument("--servers-per-worker", type=float, default=0.5, help="Downpour servers P = ceil(W x this) (0.5)")
+    p.add_argument("--downpour-lr", default="sqrt", choices=("sqrt", "fixed"),
+                   help="Downpour's rate at W replicas: the recipe's / sqrt(W) (sqrt, default) or the recipe's (fixed)")  # fmt: skip
     p.add_argument("--runs", default="runs/figure4", help="where the run directories go (runs/figure4)")
+    p.add_argument("--collect", action="store_true", help="run nothing: gather the points already run into the table and figure")
     p.add_argument("--out", default="docs/figure4", help="where results.json, table.md and figure4.png go (docs/figure4)")
     args = p.parse_args(argv)
     counts = [int(x) for x in args.replicas.split(",")]
@@ -150,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--methods {unknown} unknown (known: {', '.join(METHODS[args.data_set])}) or a replica count < 1: {counts}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = [point(args, m, w) for w in counts for m in methods]
+    results = [r for r in (point(args, m, w) for w in counts for m in methods) if r]
     old = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else []
     mine = {(r["method"], r["workers"]) for r in results}
     results = sorted([r for r in old if (r["method"], r["workers"]) not in mine] + results, key=lambda r: (r["method"], r["workers"]))
