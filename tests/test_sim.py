@@ -153,8 +153,8 @@ def test_sync_clock_is_the_prediction_and_runs_from_the_cli(fashion_tiny, tmp_pa
 
 
 def test_emulator_refuses_what_it_does_not_model(fashion_tiny, tmp_path):
-    cfg = load_config("fashion_downpour", [f"--data={fashion_tiny}", "--max_staleness=2", f"--run_dir={tmp_path}"])
-    with pytest.raises(ValueError, match="--max_staleness=2: not emulated yet"):
+    cfg = load_config("fashion_downpour", [f"--data={fashion_tiny}", "--max_delay=2", f"--run_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="--max_delay=2: not emulated yet"):
         emulate(cfg, SimOptions(workers=2))
     cfg = load_config("fashion_small", [f"--data={fashion_tiny}", "--topology=sandblaster", "--mp=2", f"--run_dir={tmp_path}"])
     with pytest.raises(ValueError, match="--mp=2: Sandblaster's model-parallel replicas are not emulated yet"):

@@ -83,3 +83,21 @@ def test_figure4_recipes_are_valid_configs(data_set):
         cfg = load_config(preset, overrides)
         assert cfg.topology in ("downpour", "allreduce", "sandblaster")
         assert cfg.lr_schedule == "constant" or cfg.topology == "sandblaster"  # L-BFGS takes no learning rate
+
+
+@pytest.mark.parametrize("policy", ["drop", "scale"])
+def test_downpour_max_staleness_decided_as_the_real_worker(fashion_tiny, tmp_path, policy):
+    """--max_staleness=1 with 3 equal workers, compute-bound (this machine's profile): pushes posted 2 updates after
+    their fetch exceed the bound; 'drop' sends none of them (every applied push within the bound, sent = applied +
+    rejected), 'scale' applies them all at lr / staleness (counted as scaled)."""
+    W, steps = 3, 5
+    cfg = load_config("fashion_downpour", [*COMMON, f"--data={fashion_tiny}", f"--max_steps={steps}", "--warmstart_steps=0", "--max_staleness=1",
+                                           f"--staleness_policy={policy}", f"--run_dir={tmp_path}"])  # fmt: skip
+    s = emulate(cfg, SimOptions(workers=W, servers=1, device="cpu"))
+    assert s["pushes_sent"] == W * steps
+    if policy == "drop":
+        assert s["rejected_stale"] > 0 and s["scaled_stale"] == 0 and s["staleness_max"] <= 1
+        assert s["pushes_applied"] + s["rejected_stale"] == W * steps
+    else:
+        assert s["scaled_stale"] > 0 and s["rejected_stale"] == 0 and s["staleness_max"] >= 2
+        assert s["pushes_applied"] == W * steps

@@ -23,7 +23,7 @@ import itertools
 
 import numpy as np
 
-from hpcdnn.kernels import update
+from hpcdnn.kernels import precision, update
 from hpcdnn.mpi import control as ctl
 
 
@@ -126,17 +126,33 @@ class DownpourClock:
             self.post(w, t)
 
     def post(self, w: Worker, t: float) -> float:
-        """Post w's gradient sum at t; the worker is free again push_s later (returned), the server has it then."""
+        """Post w's gradient sum at t; the worker is free again push_s later (returned), the server has it then.
+        With --max_staleness, a push staler than the bound is dropped (the worker fetches instead) or scaled by
+        1/staleness, as the real worker decides it (mpi/downpour.py _push)."""
         tau = self.version - w.fetched  # as the real worker computes it: VERSION at the credit minus VERSION fetched
         row = w.row
-        row[[ctl.SENT, ctl.STEPS, ctl.APPLIED]] = row[ctl.SENT] + 1, w.rep.steps, row[ctl.APPLIED] + 1
+        row[[ctl.SENT, ctl.STEPS]] = row[ctl.SENT] + 1, w.rep.steps
+        grad, w.pending = w.acc.copy(), 0
+        w.acc[:] = 0
+        scale, bound = 1.0, self.cfg.max_staleness
+        if bound and tau > bound:
+            if self.cfg.staleness_policy == "drop":
+                row[ctl.REJ_STALE] += 1
+                np.copyto(w.params, self.server)
+                w.fetched = self.version
+                return t + self.terms["fetch_s"]
+            scale = 1.0 / tau
+            row[ctl.SCALED] += 1
+        row[ctl.APPLIED] += 1
         row[ctl.STALE_SUM] += tau
         row[ctl.STALE_MAX] = max(int(row[ctl.STALE_MAX]), tau)
         row[ctl.HIST + ctl.staleness_bin(tau)] += 1
-        grad, w.pending, w.in_flight = w.acc.copy(), 0, w.in_flight + 1
-        w.acc[:] = 0
+        w.in_flight += 1
+        dtype = self.cfg.push_dtype
+        if dtype != "fp32":  # the wire's rounding: the real worker encodes (precision.encode), the server decodes
+            grad = precision.decode(precision.encode(grad, np.empty(grad.size, precision.DTYPES[dtype]), dtype), grad, dtype)
         done = t + self.terms["push_s"]
-        self.at(done, self.arrive, w, grad, w.fetched, w.lr)
+        self.at(done, self.arrive, w, grad, w.fetched, w.lr * scale)
         return done
 
     # ---- the server
