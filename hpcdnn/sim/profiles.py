@@ -62,13 +62,13 @@ DATASETS = {
 # This machine, measured (LIMITS.md, 2026-11-24; noisy, +-15 %): what the "cpu" device's predictions are made of.
 CALIBRATION = {
     # images/s of forward+backward+update for one replica, by (model, torch threads of that replica). alexnet_small:
-    # `python bench/sim_validate.py` 2026-11-30 08:00 UTC, load average 2.4-2.5 (another job on the cores; re-measure
-    # on a quiet machine), synthetic batch 128 x 28x28x1; 1 thread = per process while 2 processes compute at once
-    # (a rank of allreduce or Downpour; one process alone on 1 thread: 1178 img/s). The earlier 205 / 107.5 were
-    # LIMITS.md's figures for a different small AlexNet-like net.
+    # `python bench/sim_validate.py` 2026-11-30 09:25 UTC on an otherwise idle machine (load 0.6-1.1), synthetic batch
+    # 128 x 28x28x1; 1 thread = per process while 2 processes compute at once (a rank of allreduce or Downpour; one
+    # process alone on 1 thread: 1390 img/s). The real training loop runs 15-19 % below these (docs/scaling.md,
+    # "Validation"). The earlier 205 / 107.5 were LIMITS.md's figures for a different small AlexNet-like net.
     "images_per_s": {
-        ("alexnet_small", 2): 2030.0,  # 1954-2106 img/s over 5 repeats, 2 threads
-        ("alexnet_small", 1): 1155.0,  # 709-1200 img/s per process (median 1155), 2 processes x 1 thread at once
+        ("alexnet_small", 2): 2411.0,  # 2399-2454 img/s over 5 repeats, 2 threads
+        ("alexnet_small", 1): 1129.0,  # 1020-1160 img/s per process (median of 10), 2 processes x 1 thread at once
         ("alexnet", 2): 28.5,  # AlexNet-224 forward+backward, batch 32, 27-30 img/s
     },
     "allreduce_gbs": 16 * 2**20 / 5.2e-3 / 1e9,  # MPI Allreduce, 2 ranks, 16 MB float32 in 5.2 ms (not in place)
