@@ -10,15 +10,20 @@ from pathlib import Path
 
 from hpcdnn.mpirun import mpirun
 
-__all__ = ["mpirun", "relaunch"]
+__all__ = ["mpirun", "relaunch", "repo_env"]
+
+
+def repo_env() -> dict[str, str]:
+    """This environment with the repository first on PYTHONPATH, for a child run from another directory."""
+    root = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
 
 
 def relaunch(script: str, ranks: int, argv: list[str], child_var: str, timeout: float) -> None:
     """Run `script argv` again as `mpirun -n ranks python -m mpi4py`, with `child_var` set so it runs the rank side and
     the repository on PYTHONPATH. A timeout or a failed run is reported on stderr; benchmarks always exit 0."""
     name = f"bench/{Path(script).name}"
-    root = str(Path(script).resolve().parents[1])
-    env = {**os.environ, child_var: "1", "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env = {**repo_env(), child_var: "1"}
     cmd = [*mpirun(ranks), sys.executable, "-m", "mpi4py", str(Path(script).resolve()), *argv]
     try:
         r = subprocess.run(cmd, env=env, timeout=timeout)

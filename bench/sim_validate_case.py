@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch import mpirun  # bench/launch.py (this script's directory is on sys.path)
+from launch import mpirun, repo_env  # bench/launch.py (this script's directory is on sys.path)
 
 REPO = Path(__file__).resolve().parent.parent
 FASHION = Path("/usr/share/datasets/fashion-mnist")  # the Makefile's FASHION (Debian's dataset-fashion-mnist)
@@ -72,6 +72,16 @@ def make_step(batch: int):
     return step
 
 
+def timed(step, batch: int, steps: int, rates: list[float], times: list[float]) -> None:
+    """Run `steps` steps of `batch` images: append the images/s over them to rates, each step's seconds to times."""
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        s0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - s0)
+    rates.append(steps * batch / (time.perf_counter() - t0))
+
+
 def calibrate(batch: int, steps: int, repeats: int, threads: tuple[int, ...] = (2, 1)) -> dict:
     """alexnet_small forward + backward + SGD step images/s in this process at each torch thread count: repeats
     interleaved over the counts, each `steps` timed steps after warm-up; the median images/s, the coefficient of
@@ -88,12 +98,7 @@ def calibrate(batch: int, steps: int, repeats: int, threads: tuple[int, ...] = (
     for _ in range(repeats):
         for t in threads:
             set_threads(t)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                s0 = time.perf_counter()
-                step()
-                times[t].append(time.perf_counter() - s0)
-            rates[t].append(steps * batch / (time.perf_counter() - t0))
+            timed(step, batch, steps, rates[t], times[t])
     out = {}
     for t in threads:
         cv = statistics.pstdev(times[t]) / statistics.mean(times[t])
@@ -106,7 +111,7 @@ def calibrate_pair(batch: int, steps: int, repeats: int, ranks: int = 2, timeout
     once (this script's `pair-child`, started together after every one has warmed up); the mean over the processes
     of each one's median images/s, and the coefficient of variation of one step's time."""
     cmd = [sys.executable, __file__, "pair-child", str(batch), str(steps), str(repeats)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = repo_env()
     procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env) for _ in range(ranks)]
     try:
         for p in procs:
@@ -137,18 +142,13 @@ def pair_child(batch: int, steps: int, repeats: int) -> None:
     sys.stdin.readline()
     rates, times = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            s0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - s0)
-        rates.append(steps * batch / (time.perf_counter() - t0))
+        timed(step, batch, steps, rates, times)
     print(json.dumps({"rates": rates, "times": times}), flush=True)
 
 
 def run(cmd: list[str], run_dir: Path, timeout: float) -> dict:
     """One hpcdnn run into run_dir: its summary.json plus the wall time and load, or {"error": why}."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = repo_env()
     t0 = time.perf_counter()
     try:
         r = subprocess.run([*cmd, f"--run_dir={run_dir}", "--overwrite"], capture_output=True, text=True, cwd=REPO, env=env,

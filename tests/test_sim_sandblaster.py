@@ -10,10 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 from conftest import mpirun
+from test_sim import losses, params
 
 from hpcdnn.config import load_config
 from hpcdnn.sim.cost import Cluster, allreduce_s, model_cost, predict
@@ -24,15 +24,6 @@ from hpcdnn.sim.sandblaster import SimPortions
 REPO = Path(__file__).resolve().parents[1]
 # a global batch of 64 in 8 portions, 4 L-BFGS iterations per batch: 5 steps cross into the second batch
 ARGS = ["--batch_size=64", "--sb_portions=8", "--threads=1", "--max_steps=5", "--log_every=1"]
-
-
-def params(run) -> np.ndarray:
-    with h5py.File(run / "checkpoint.h5", "r") as f:
-        return f["params"][...]
-
-
-def losses(run) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 def sandblaster(data, run, *extra: str):

@@ -161,23 +161,20 @@ class Emulator:
         """The rate at the replica's position, as sgd.py asks the schedule before its step."""
         return self.run.sched.lr(rep.epoch + rep.batch / self.steps_per_epoch)
 
-    def compute_time(self) -> float:
-        """One replica's simulated compute time for one batch: compute_s, times a lognormal draw of mean 1 and
-        coefficient of variation compute_cv."""
-        base = self.cost.terms["compute_s"]
-        cv = self.sim.compute_cv
-        if not cv:
-            return base
-        sigma = math.sqrt(math.log1p(cv * cv))
-        return base * float(self.draws.lognormal(-sigma * sigma / 2, sigma))
-
-    def straggler_draw(self) -> float:
-        """A Sandblaster portion's time factor: lognormal of mean 1 and coefficient of variation straggler_cv (1 if 0)."""
-        cv = self.sim.straggler_cv
+    def lognormal(self, cv: float) -> float:
+        """A time factor of mean 1 and coefficient of variation cv, drawn from the clock's stream (1 if cv is 0)."""
         if not cv:
             return 1.0
         sigma = math.sqrt(math.log1p(cv * cv))
         return float(self.draws.lognormal(-sigma * sigma / 2, sigma))
+
+    def compute_time(self) -> float:
+        """One replica's simulated compute time for one batch: compute_s times a draw of --compute-cv."""
+        return self.cost.terms["compute_s"] * self.lognormal(self.sim.compute_cv)
+
+    def straggler_draw(self) -> float:
+        """A Sandblaster portion's time factor: a draw of --straggler-cv."""
+        return self.lognormal(self.sim.straggler_cv)
 
     def end_epoch(self, params: np.ndarray, step: int, epoch: int, time_s: float) -> None:
         """Evaluate `params` (the root's refresh), adapt the schedule, log the validation line."""
@@ -198,15 +195,14 @@ class Emulator:
         v = evaluate(self.run.model, self.val)
         self.log.log(step=step, epoch=round(epoch, 4), time=round(time_s, 9), images=images, val_top1=v["top1"], val_top5=v["top5"],
                      val_loss=v["loss"])  # fmt: skip
-        if self.sim.target_top1 and v["top1"] >= self.sim.target_top1:
-            self.reached = {
-                "time_to_target_s": round(time_s, 9),
-                "images_to_target": images,
-                "step_at_target": step,
-                "top1_at_target": v["top1"],
-            }
-            return True
-        return False
+        return self.reach(v["top1"], time_s, images, step)
+
+    def reach(self, top1: float, time_s: float, images: int, step: int) -> bool:
+        """Record the first evaluation whose top-1 reaches --target-top1; True if this one did."""
+        if self.reached is not None or not self.sim.target_top1 or top1 < self.sim.target_top1:
+            return False
+        self.reached = {"time_to_target_s": round(time_s, 9), "images_to_target": images, "step_at_target": step, "top1_at_target": top1}
+        return True
 
     def target_fields(self) -> dict:
         """summary.json's time to target: the simulated seconds and training images at the first evaluation reaching it."""
@@ -221,13 +217,7 @@ class Emulator:
         cfg, run = self.cfg, self.run
         run.flat.load_flat(params)
         final = evaluate(run.model, self.val)
-        if self.sim.target_top1 and self.reached is None and final["top1"] >= self.sim.target_top1:  # at the budget's end
-            self.reached = {
-                "time_to_target_s": round(time_s, 9),
-                "images_to_target": images,
-                "step_at_target": step,
-                "top1_at_target": final["top1"],
-            }
+        self.reach(final["top1"], time_s, images, step)  # reached only at the budget's end, after the last periodic check
         epoch, batch = position if position is not None else (self.replicas[0].epoch, self.replicas[0].batch)
         state = {"schedule": run.sched.state(), "elapsed": time_s, "model": run.model_name, "simulated": True}
         ck.save(run.run_dir / ck.LATEST, ck.Checkpoint(params, optim, step, epoch, batch, cfg.to_toml(), state,

@@ -54,6 +54,8 @@ class DownpourClock:
         self.applied_sum, self.applied_max, self.images = 0, 0, 0
         self.window = {"t": 0.0, "images": 0, "losses": []}
         self.stopped = False  # the target accuracy was reached: no event runs after that
+        dtype = cfg.push_dtype  # a push's words on the wire (--push_dtype other than fp32), as the real worker's buffer
+        self.wire = np.empty(self.server.size, precision.DTYPES[dtype]) if dtype != "fp32" else None
 
     def at(self, t: float, action, *args) -> None:
         """Schedule action(*args) at simulated time t."""
@@ -132,25 +134,27 @@ class DownpourClock:
         tau = self.version - w.fetched  # as the real worker computes it: VERSION at the credit minus VERSION fetched
         row = w.row
         row[[ctl.SENT, ctl.STEPS]] = row[ctl.SENT] + 1, w.rep.steps
-        grad, w.pending = w.acc.copy(), 0
-        w.acc[:] = 0
+        w.pending = 0
         scale, bound = 1.0, self.cfg.max_staleness
         if bound and tau > bound:
             if self.cfg.staleness_policy == "drop":
                 row[ctl.REJ_STALE] += 1
+                w.acc[:] = 0
                 np.copyto(w.params, self.server)
                 w.fetched = self.version
                 return t + self.terms["fetch_s"]
             scale = 1.0 / tau
             row[ctl.SCALED] += 1
+        grad = w.acc.copy()
+        w.acc[:] = 0
         row[ctl.APPLIED] += 1
         row[ctl.STALE_SUM] += tau
         row[ctl.STALE_MAX] = max(int(row[ctl.STALE_MAX]), tau)
         row[ctl.HIST + ctl.staleness_bin(tau)] += 1
         w.in_flight += 1
-        dtype = self.cfg.push_dtype
-        if dtype != "fp32":  # the wire's rounding: the real worker encodes (precision.encode), the server decodes
-            grad = precision.decode(precision.encode(grad, np.empty(grad.size, precision.DTYPES[dtype]), dtype), grad, dtype)
+        if self.wire is not None:  # the wire's rounding: the real worker encodes (precision.encode), the server decodes
+            dtype = self.cfg.push_dtype
+            grad = precision.decode(precision.encode(grad, self.wire, dtype), grad, dtype)
         done = t + self.terms["push_s"]
         self.at(done, self.arrive, w, grad, w.fetched, w.lr * scale)
         return done
